@@ -1,0 +1,155 @@
+"""Sampling from a model: greedy (temperature 0) or temperature/top-k, with a KV cache.
+
+    python generate.py --model PATH --prompt "Once upon a time" --max-new-tokens 64 --temperature 0
+    python generate.py --model PATH --adapter DIR --prompt ...      (a base with a trained adapter, unmerged)
+
+Prints prompt + continuation on stdout and the speed on stderr: tokens/s and GB/s of weights read per token
+(every decoded token reads every weight once, so GB/s = weight bytes x tokens/s).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from model import Transformer, UserError, embedded_model_path, run_cli
+
+
+@torch.no_grad()
+def generate(model, ids, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None,
+             use_cache=True) -> list[int]:
+    """Continue one prompt; returns the new ids only (stops after eos_id)."""
+    ids = list(ids)
+    if not ids:
+        raise UserError("the prompt is empty")
+    total = len(ids) + max_new_tokens
+    if len(ids) > model.args.max_seq_len:
+        raise UserError(f"the prompt has {len(ids)} tokens, more than the model's context of "
+                        f"{model.args.max_seq_len}")
+    total = min(total, model.args.max_seq_len)
+    new = []
+    if use_cache:
+        model.setup_cache(1, total)
+    try:
+        tokens, pos = torch.tensor([ids]), 0
+        while len(ids) < total:
+            if use_cache:
+                logits = model(tokens, start_pos=pos)[0, -1]                    # [vocab]
+                pos += tokens.shape[1]
+            else:
+                logits = model(torch.tensor([ids]))[0, -1]
+            nxt = sample(logits, temperature, top_k, generator)
+            ids.append(nxt)
+            new.append(nxt)
+            if eos_id is not None and nxt == eos_id:
+                break
+            tokens = torch.tensor([[nxt]])
+    finally:
+        if use_cache:
+            model.clear_cache()
+    return new
+
+
+def sample(logits, temperature=0.0, top_k=None, generator=None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate_batch(model, prompts, max_new_tokens, eos_id=None) -> list[list[int]]:
+    """Greedy continuation of several prompts at once: left-padded, pad keys masked, one KV cache.
+    RoPE depends only on relative positions, so left padding does not change a row's logits."""
+    if not prompts:
+        return []
+    B, L = len(prompts), max(len(p) for p in prompts)
+    total = min(L + max_new_tokens, model.args.max_seq_len)
+    if L > model.args.max_seq_len:
+        raise UserError(f"a prompt has {L} tokens, more than the model's context of {model.args.max_seq_len}")
+    tokens = torch.zeros(B, L, dtype=torch.long)
+    pad_mask = torch.zeros(B, total, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p):] = torch.tensor(p)
+        pad_mask[i, L - len(p):] = True
+    pad_mask[:, L:] = True
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    model.setup_cache(B, total)
+    try:
+        pos = 0
+        while pos + tokens.shape[1] <= total:
+            logits = model(tokens, start_pos=pos, pad_mask=pad_mask[:, :pos + tokens.shape[1]])[:, -1]  # [B, V]
+            pos += tokens.shape[1]
+            nxt = logits.argmax(-1)                                                                     # [B]
+            for i in range(B):
+                if not done[i]:
+                    out[i].append(int(nxt[i]))
+                    done[i] = eos_id is not None and int(nxt[i]) == eos_id
+            if bool(done.all()) or len(out[0]) >= max_new_tokens or pos >= total:
+                break
+            tokens = nxt[:, None]
+    finally:
+        model.clear_cache()
+    return out
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights read per decoded token: every parameter and buffer except the embedding table
+    (one row of it is read) and the RoPE table."""
+    seen, n = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or name == "inv_freq" or (name.startswith("embed_tokens") and not model.args.tie_embeddings):
+            continue
+        seen.add(id(t))
+        n += t.numel() * t.element_size()
+    return n
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF LLaMA dir, .gguf file or project checkpoint "
+                   "(default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
+    p.add_argument("--adapter", default=None, help="adapter directory written by train.py/save_adapters")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--keep-quantized", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep a GGUF's Q4_1 weights as 4-bit codes (default) instead of dequantizing")
+    p.add_argument("--no-cache", action="store_true", help="recompute the full sequence every step")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    if a.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from tokenizer import load_tokenizer
+    path = a.model or embedded_model_path()
+    model = Transformer.from_pretrained(path, dtype=getattr(torch, a.dtype), keep_quantized=a.keep_quantized)
+    tok = load_tokenizer(path)
+    if a.adapter:
+        from qalora import load_adapters
+        load_adapters(model, a.adapter)
+        model.eval()
+    ids = tok.encode(a.prompt)
+    g = torch.Generator().manual_seed(a.seed)
+    t0 = time.perf_counter()
+    new = generate(model, ids, a.max_new_tokens, a.temperature, a.top_k, tok.eos_id, g, use_cache=not a.no_cache)
+    dt = time.perf_counter() - t0
+    print(a.prompt + tok.decode(new))
+    tps = len(new) / dt if dt > 0 else float("inf")
+    gb = weight_bytes(model) / 1e9
+    print(f"{len(new)} tokens in {dt:.2f} s: {tps:.1f} tokens/s, {gb * tps:.2f} GB/s of weights "
+          f"({gb * 1e3:.0f} MB read per token)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
