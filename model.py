@@ -629,6 +629,10 @@ def _load_gguf_tensors(path: Path, dtype, keep_quantized: bool) -> Transformer:
     tensors = {t.name: t for t in reader.tensors}
     if "blk.0.attn_q.weight" not in tensors or "token_embd.weight" not in tensors:
         raise UserError(f"{path}: no llama weights found (blk.0.attn_q.weight / token_embd.weight)")
+    need = ["block_count", "embedding_length", "feed_forward_length", "attention.head_count"]
+    bad = [k for k in need if not isinstance(g(k), int) or g(k) <= 0]
+    if bad:
+        raise UserError(f"{path}: metadata lacks positive integer llama.{', llama.'.join(bad)}")
     n_heads = g("attention.head_count")
     n_kv = g("attention.head_count_kv", n_heads)
     dim = g("embedding_length")
