@@ -1,0 +1,527 @@
+"""
+Weight quantization: min-max round-to-nearest (RTN), bit packing, GPTQ, QuantLinear,
+and whole-model quantization with calibration. Also a CLI:
+
+    python quant.py --model PATH --bits 4 --group-size 32 --quant gptq --calib FILE --out DIR
+
+Convention (DESIGN.md, "The algorithm in one screen"): a weight W [out, in] is cut along
+`in` into consecutive groups of `group_size` columns (the last group is shorter when `in`
+is not a multiple), and every (row o, group g) has its own affine map
+
+    w~[o, i] = scales[o, g] * q[o, i] + biases[o, g],    q in {0, ..., 2^bits - 1}
+
+the paper's alpha*W^ + beta, MLX's affine mode, llama.cpp's Q4_1 `d*q + m`. Min-max RTN
+picks biases = min and scales = (max - min) / (2^bits - 1), so both ends of every group
+are hit exactly. scales and biases are float32 (QA-LoRA's merge adds a non-integer to
+the biases, so an integer zero point would not do).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+
+import torch
+import torch.nn as nn
+
+BITS = (2, 3, 4, 8)
+
+
+def _error(msg):
+    """The project's UserError (model.py), imported lazily: model.py imports this file."""
+    try:
+        from model import UserError
+    except ImportError:  # model.py not importable (e.g. quant.py used on its own)
+        UserError = ValueError
+    return UserError(msg)
+
+
+def _check(bits, group_size):
+    if bits not in BITS:
+        raise _error(f"bits={bits!r} is not supported; use one of {BITS}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size > 0 or group_size == -1):
+        raise _error(f"group_size={group_size!r} must be a positive integer, or -1 for whole rows")
+
+
+# -----------------------------------------------------------------------------
+# groups
+
+def effective_group_size(in_features, group_size):
+    """-1 means one group per row; a group larger than the row is the row."""
+    return in_features if group_size == -1 else min(group_size, in_features)
+
+
+def group_sizes(in_features, group_size):
+    """Width of each group: [gs, gs, ..., gs, rest]; e.g. (172, 32) -> [32]*5 + [12]."""
+    gs = effective_group_size(in_features, group_size)
+    n_full, rest = divmod(in_features, gs)
+    return [gs] * n_full + ([rest] if rest else [])
+
+
+def _group_reduce(w, group_size, op):
+    """op (torch.amin / torch.amax) over each group of columns: [out, in] -> [out, n_groups]."""
+    out, in_features = w.shape
+    gs = effective_group_size(in_features, group_size)
+    n_full = in_features // gs
+    parts = [op(w[:, : n_full * gs].reshape(out, n_full, gs), dim=2)]  # [out, n_full]
+    if in_features % gs:  # the short last group
+        parts.append(op(w[:, n_full * gs:], dim=1, keepdim=True))  # [out, 1]
+    return torch.cat(parts, dim=1)
+
+
+def _expand(p, in_features, group_size):
+    """Per-group parameter [out, n_groups] -> per-column [out, in]."""
+    widths = torch.tensor(group_sizes(in_features, group_size), device=p.device)
+    return p.repeat_interleave(widths, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# min-max RTN
+
+def _find_params(w, bits):
+    """Min-max affine parameters of one group (or of each row of w [out, n]) -> scales, biases [out]."""
+    wmin, wmax = w.amin(dim=1), w.amax(dim=1)
+    return (wmax - wmin) / (2**bits - 1), wmin
+
+
+def _round(w, scales, biases, bits):
+    """q = clamp(round((w - biases) / scales), 0, 2^bits - 1). A constant group has scale 0:
+    divide by 1 instead, so q = 0 and scale * q + bias = bias is the constant, exactly."""
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    return torch.round((w - biases) / safe).clamp_(0, 2**bits - 1)
+
+
+def quantize(w, bits, group_size):
+    """Min-max RTN. w [out, in] -> q uint8 [out, in], scales f32 [out, G], biases f32 [out, G],
+    G = ceil(in / group_size) (group_size -1: G = 1)."""
+    _check(bits, group_size)
+    assert w.dim() == 2, f"quantize expects a 2-D weight [out, in], got shape {tuple(w.shape)}"
+    w = w.detach().float()
+    in_features = w.shape[1]
+    wmin = _group_reduce(w, group_size, torch.amin)  # [out, G]
+    wmax = _group_reduce(w, group_size, torch.amax)  # [out, G]
+    scales, biases = (wmax - wmin) / (2**bits - 1), wmin
+    q = _round(w, _expand(scales, in_features, group_size), _expand(biases, in_features, group_size), bits)
+    return q.to(torch.uint8), scales, biases
+
+
+def dequantize(q, scales, biases, group_size):
+    """w~ = scales * q + biases, per (row, group). -> float32 [out, in]."""
+    in_features = q.shape[1]
+    assert scales.shape == biases.shape == (q.shape[0], len(group_sizes(in_features, group_size))), (
+        f"scales {tuple(scales.shape)} / biases {tuple(biases.shape)} do not match codes {tuple(q.shape)} "
+        f"with group_size={group_size}")
+    s = _expand(scales.float(), in_features, group_size)  # [out, in]
+    b = _expand(biases.float(), in_features, group_size)  # [out, in]
+    return s * q.float() + b
+
+
+# -----------------------------------------------------------------------------
+# bit packing
+#
+# Each row of codes is one LSB-first bit stream: code j occupies stream bits
+# [j*bits, (j+1)*bits), least significant bit first, and stream bit b is bit (b % 8) of
+# byte b // 8. The row is padded with zero bits to a whole number of bytes, so a row of
+# `in` codes takes ceil(in * bits / 8) bytes. Consequences: 8 bits is the identity;
+# 4 bits puts code 2k in the low nibble of byte k and code 2k+1 in the high nibble;
+# 2 bits puts code 4k+t at bits [2t, 2t+2) of byte k; 3 bits packs 8 codes into 3 bytes
+# with codes crossing byte boundaries (no wasted bits).
+
+def packed_width(in_features, bits):
+    return (in_features * bits + 7) // 8
+
+
+def pack(q, bits):
+    """q uint8 [out, in] with values < 2^bits -> packed uint8 [out, ceil(in*bits/8)]."""
+    _check(bits, 1)
+    assert q.dim() == 2, f"pack expects codes [out, in], got shape {tuple(q.shape)}"
+    out, in_features = q.shape
+    q = q.to(torch.int32)
+    assert q.numel() == 0 or (q.min() >= 0 and q.max() < 2**bits), f"codes out of range for {bits} bits"
+    nbytes = packed_width(in_features, bits)
+    if 8 % bits == 0:  # 2, 4, 8: whole codes per byte
+        per = 8 // bits
+        q = nn.functional.pad(q, (0, nbytes * per - in_features))  # [out, nbytes*per]
+        shifts = torch.arange(per, dtype=torch.int32) * bits  # [per]
+        return (q.view(out, nbytes, per) << shifts).sum(dim=2).to(torch.uint8)
+    # general case (3 bits): spell the bit stream out, then regroup it into bytes
+    bit = torch.arange(bits, dtype=torch.int32)
+    stream = ((q.unsqueeze(2) >> bit) & 1).reshape(out, in_features * bits)  # [out, in*bits]
+    stream = nn.functional.pad(stream, (0, nbytes * 8 - in_features * bits))  # [out, nbytes*8]
+    return (stream.view(out, nbytes, 8) << torch.arange(8, dtype=torch.int32)).sum(dim=2).to(torch.uint8)
+
+
+def unpack(packed, bits, in_features):
+    """Inverse of pack: packed uint8 [out, ceil(in*bits/8)] -> codes uint8 [out, in]."""
+    _check(bits, 1)
+    out, nbytes = packed.shape
+    assert nbytes == packed_width(in_features, bits), (
+        f"packed width {nbytes} does not match in_features={in_features} at {bits} bits")
+    p = packed.to(torch.int32)
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.int32) * bits  # [per]
+        q = (p.unsqueeze(2) >> shifts) & (2**bits - 1)  # [out, nbytes, per]
+        return q.reshape(out, nbytes * per)[:, :in_features].to(torch.uint8)
+    stream = (p.unsqueeze(2) >> torch.arange(8, dtype=torch.int32)) & 1  # [out, nbytes, 8]
+    stream = stream.reshape(out, nbytes * 8)[:, : in_features * bits].view(out, in_features, bits)
+    return (stream << torch.arange(bits, dtype=torch.int32)).sum(dim=2).to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------
+# GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022, arXiv 2210.17323)
+#
+# Quantize the columns of W one at a time; after each column, spread its rounding error
+# over the columns not yet quantized, weighted by the inverse Hessian of the layer's
+# objective ||W X - W~ X||^2 (H = X X^T, X the layer's inputs). This is the loop of the
+# reference implementation (IST-DASLab/gptq, gptq.py `fasterquant`), line for line:
+# dead columns, relative dampening, the upper Cholesky factor of H^-1, lazy updates in
+# blocks of `block_size` columns, group parameters found when a group starts, act-order.
+
+def _cholesky_inverse_upper(H, damp):
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1; on failure retry with 10x damp."""
+    H = H.clone()
+    diag = torch.arange(H.shape[0])
+    base = H.diagonal().mean()
+    for attempt in range(6):
+        Hd = H.clone()
+        Hd[diag, diag] += damp * base
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U
+        print(f"warning: gptq: Hessian not positive definite with damp={damp:g}; retrying with damp={damp * 10:g}",
+              file=sys.stderr)
+        damp *= 10
+    raise _error("gptq: Hessian is not positive definite even with heavy dampening; check the calibration data")
+
+
+def gptq(w, H, bits, group_size, damp=0.01, block_size=128, act_order=False, static_groups=False):
+    """GPTQ one layer. w [out, in], H [in, in] ~ X X^T (any positive multiple).
+    Returns (q uint8 [out, in], scales f32 [out, G], biases f32 [out, G]) in the original column
+    order, with consecutive groups exactly as `quantize` (short last group included)."""
+    _check(bits, group_size)
+    if act_order and not static_groups:
+        raise _error("gptq: act_order=True needs static_groups=True (groups are stored as consecutive "
+                     "columns, so their parameters must be fixed before the columns are permuted)")
+    W = w.detach().float().clone()
+    H = H.detach().float().clone()
+    out, columns = W.shape
+    assert H.shape == (columns, columns), f"H has shape {tuple(H.shape)}, expected ({columns}, {columns})"
+    gs = effective_group_size(columns, group_size)
+    n_groups = len(group_sizes(columns, group_size))
+    scales = torch.zeros(out, n_groups)
+    biases = torch.zeros(out, n_groups)
+
+    dead = torch.diag(H) == 0  # inputs that were always zero: any weight is as good, use 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    if static_groups:  # parameters from the whole (unpermuted) weights before the sweep
+        for g in range(n_groups):
+            scales[:, g], biases[:, g] = _find_params(W[:, g * gs:(g + 1) * gs], bits)
+
+    perm = None
+    if act_order:  # quantize columns with large activations first
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        invperm = torch.argsort(perm)
+
+    Hinv = _cholesky_inverse_upper(H, damp)  # [in, in], upper triangular
+    Q = torch.zeros_like(W)  # codes, in sweep order
+
+    scale = bias = None
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()  # [out, count]
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+
+        for i in range(count):
+            w_col = W1[:, i]
+            d = Hinv1[i, i]
+            if static_groups:
+                g = (perm[i1 + i].item() if act_order else i1 + i) // gs
+                scale, bias = scales[:, g], biases[:, g]
+            elif (i1 + i) % gs == 0:  # a group starts: parameters from W as the last finished block left it
+                g = (i1 + i) // gs
+                scale, bias = _find_params(W[:, i1 + i:i1 + i + gs], bits)
+                scales[:, g], biases[:, g] = scale, bias
+            q = _round(w_col, scale, bias, bits)
+            Q1[:, i] = q
+            err1 = (w_col - (scale * q + bias)) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))  # [out, count-i]
+            Err1[:, i] = err1
+
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])  # lazy update of the columns after this block
+
+    if act_order:
+        Q = Q[:, invperm]
+    return Q.to(torch.uint8), scales, biases
+
+
+# -----------------------------------------------------------------------------
+# QuantLinear
+
+class QuantLinear(nn.Module):
+    """A frozen quantized linear: y = x @ w~^T (+ bias), w~ = scales * codes + biases per group.
+    Buffers: qweight uint8 [out, ceil(in*bits/8)] (packed, layout above), scales and biases
+    f32 [out, n_groups], optional bias [out]. The matmul is kernels.qmatmul."""
+
+    def __init__(self, in_features, out_features, bits, group_size, bias=False):
+        super().__init__()
+        _check(bits, group_size)
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = effective_group_size(in_features, group_size)
+        self.n_groups = len(group_sizes(in_features, group_size))
+        self.impl = "auto"
+        self.register_buffer("qweight", torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, self.n_groups))
+        self.register_buffer("biases", torch.zeros(out_features, self.n_groups))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_codes(cls, q, scales, biases, bits, group_size, bias=None):
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, bits, group_size, bias=bias is not None)
+        assert scales.shape == biases.shape == (out_features, layer.n_groups), (
+            f"scales {tuple(scales.shape)} / biases {tuple(biases.shape)} do not match codes {tuple(q.shape)} "
+            f"with group_size={group_size}")
+        layer.qweight.copy_(pack(q, bits))
+        layer.scales.copy_(scales)
+        layer.biases.copy_(biases)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear, bits, group_size):
+        """Min-max RTN of an nn.Linear."""
+        q, scales, biases = quantize(linear.weight, bits, group_size)
+        return cls.from_codes(q, scales, biases, bits, group_size, bias=linear.bias)
+
+    def codes(self):
+        return unpack(self.qweight, self.bits, self.in_features)  # [out, in] uint8
+
+    def dequantize_weight(self, dtype=torch.float32):
+        return dequantize(self.codes(), self.scales, self.biases, self.group_size).to(dtype)
+
+    def forward(self, x):
+        import kernels  # imported here: kernels.py needs this module's layout helpers
+        return kernels.qmatmul(x, self, impl=self.impl)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+# -----------------------------------------------------------------------------
+# whole-model quantization
+
+def _set_module(root, name, module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _targets(model):
+    """Every nn.Linear but the output head."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.split(".")[-1] != "lm_head"]
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the wanted activations are captured."""
+
+
+# Within a block, GPTQ goes "true-sequential": each stage's Hessian is collected from inputs
+# computed with the earlier stages already quantized. Linears of one stage read the same input.
+STAGES = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def _block_stages(block):
+    linears = {name for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    stages = [[n for n in stage if n in linears] for stage in STAGES]
+    known = {n for stage in STAGES for n in stage}
+    stages += [[n] for n in sorted(linears - known)]  # anything unexpected: on its own, after the rest
+    return [s for s in stages if s]
+
+
+@torch.no_grad()
+def _capture_block_inputs(model, calib, batch_size):
+    """Run the model up to layers[0] for each batch of calibration ids; returns a list of
+    (x [b, T, dim], other positional args, kwargs) as layers[0] received them."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        captured.append((args[0], args[1:], kwargs))
+        raise _Stop
+
+    handle = model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in range(0, calib.shape[0], batch_size):
+            try:
+                model(calib[b:b + batch_size])
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block, inputs):
+    outs = []
+    for x, args, kwargs in inputs:
+        y = block(x, *args, **kwargs)
+        outs.append(y[0] if isinstance(y, tuple) else y)
+    return outs
+
+
+@torch.no_grad()
+def _gptq_block(block, inputs, bits, group_size, **gptq_kw):
+    """Quantize one block stage by stage; returns nothing (block modified in place)."""
+    for stage in _block_stages(block):
+        first = block.get_submodule(stage[0])
+        H = torch.zeros(first.in_features, first.in_features)
+        n = 0
+
+        def hook(module, args):
+            nonlocal H, n
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # [b*T, in]
+            H += x.T @ x
+            n += x.shape[0]
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(hook)
+        try:
+            for x, args, kwargs in inputs:
+                try:
+                    block(x, *args, **kwargs)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        H *= 2 / n  # H = 2/n X X^T, as in the reference (any positive multiple would do)
+
+        # Rows are independent in GPTQ, so linears that share an input (q/k/v, gate/up)
+        # are quantized together as one stacked weight.
+        layers = [block.get_submodule(name) for name in stage]
+        W = torch.cat([m.weight for m in layers], dim=0)  # [sum(out), in]
+        q, scales, biases = gptq(W, H, bits, group_size, **gptq_kw)
+        row = 0
+        for name, m in zip(stage, layers):
+            rows = slice(row, row + m.out_features)
+            row += m.out_features
+            _set_module(block, name, QuantLinear.from_codes(q[rows], scales[rows], biases[rows], bits, group_size,
+                                                            bias=m.bias).to(m.weight.device))
+
+
+@torch.no_grad()
+def quantize_model(model, bits, group_size, method="rtn", calib=None, batch_size=8, progress=True, **gptq_kw):
+    """In place: every nn.Linear but lm_head becomes a QuantLinear. method "rtn" (min-max) or
+    "gptq" (calib: LongTensor [n, T] of token ids; gptq_kw go to `gptq`). Returns the model."""
+    _check(bits, group_size)
+    if method not in ("rtn", "gptq"):
+        raise _error(f"quantization method {method!r} is unknown; use 'rtn' or 'gptq'")
+    if method == "rtn":
+        for name, m in _targets(model):
+            _set_module(model, name, QuantLinear.from_linear(m, bits, group_size).to(m.weight.device))
+    else:
+        if calib is None or calib.dim() != 2 or calib.numel() == 0:
+            raise _error("gptq needs calibration token ids: a LongTensor [n, T] (quant.py: --calib FILE)")
+        from tqdm import tqdm
+        was_training = model.training
+        model.eval()
+        inputs = _capture_block_inputs(model, calib, batch_size)
+        for block in tqdm(model.layers, desc=f"gptq {bits}-bit g{group_size}", disable=not progress):
+            _gptq_block(block, inputs, bits, group_size, **gptq_kw)
+            outs = _run_block(block, inputs)  # the quantized block's outputs feed the next block
+            inputs = [(y, args, kwargs) for y, (x, args, kwargs) in zip(outs, inputs)]
+        model.train(was_training)
+        for name, m in _targets(model):  # linears outside the blocks (none in LLaMA): RTN
+            _set_module(model, name, QuantLinear.from_linear(m, bits, group_size).to(m.weight.device))
+    model.quantization = {"bits": bits, "group_size": group_size, "method": method, "format": "affine"}
+    return model
+
+
+# -----------------------------------------------------------------------------
+# calibration data and CLI
+
+def encode_text(tok, text, chunk_lines=2000):
+    """Tokenize a long text without BOS, in chunks of lines (keeps slow tokenizers linear)."""
+    lines = text.splitlines(keepends=True)
+    ids = []
+    for i in range(0, len(lines), chunk_lines):
+        ids += tok.encode("".join(lines[i:i + chunk_lines]), bos=False)
+    return ids
+
+
+def calibration_windows(ids, nsamples, seq_len, seed=0):
+    """nsamples random windows of seq_len tokens -> LongTensor [nsamples, seq_len] (GPTQ's recipe)."""
+    if len(ids) <= seq_len:
+        raise _error(f"calibration text has {len(ids)} tokens; need more than --seq-len {seq_len}")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(ids) - seq_len) for _ in range(nsamples)]
+    return torch.tensor([ids[s:s + seq_len] for s in starts], dtype=torch.long)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Quantize a model (min-max RTN or GPTQ) and save a quantized checkpoint.")
+    p.add_argument("--model", default=None, help="HF dir, .gguf, or checkpoint dir (default: embedded SmolLM2)")
+    p.add_argument("--bits", type=int, default=4, choices=BITS)
+    p.add_argument("--group-size", type=int, default=32, help="columns per group; -1 = whole rows")
+    p.add_argument("--quant", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--calib", default=None, help="calibration text file (gptq)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--act-order", action="store_true", help="gptq act-order (implies static groups)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+
+    import time
+    import model as model_lib
+    import tokenizer as tokenizer_lib
+
+    _check(args.bits, args.group_size)
+    path = args.model or model_lib.embedded_model_path()
+    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise _error(f"--out {args.out} exists and is not empty; pass --overwrite or choose another directory")
+    calib = None
+    if args.quant == "gptq":
+        if args.calib is None:
+            raise _error("--quant gptq needs --calib FILE (a text file to calibrate on)")
+        with open(args.calib, encoding="utf-8") as f:
+            text = f.read()
+        tok = tokenizer_lib.load_tokenizer(path)
+        calib = calibration_windows(encode_text(tok, text), args.nsamples, args.seq_len, args.seed)
+    torch.manual_seed(args.seed)
+    model = model_lib.Transformer.from_pretrained(path)
+    t0 = time.time()
+    quantize_model(model, args.bits, args.group_size, method=args.quant, calib=calib, batch_size=args.batch_size,
+                   **({"damp": args.damp, "block_size": args.block_size, "act_order": args.act_order,
+                       "static_groups": args.act_order} if args.quant == "gptq" else {}))
+    seconds = time.time() - t0
+    model.save_pretrained(args.out)
+    if os.path.isdir(path):  # carry the tokenizer along so the checkpoint is self-contained
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.exists(os.path.join(path, name)):
+                shutil.copy(os.path.join(path, name), os.path.join(args.out, name))
+    print(json.dumps({"out": args.out, "bits": args.bits, "group_size": args.group_size, "method": args.quant,
+                      "seconds": round(seconds, 1)}))
+
+
+if __name__ == "__main__":
+    from model import run_cli
+    run_cli(main)
