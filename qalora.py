@@ -1,0 +1,201 @@
+"""QA-LoRA adapters (Xu et al. 2023, arXiv 2309.14717) and the plain-LoRA baseline beside them.
+
+A quantized linear holds w~[o, i] = scales[o, g(i)] * q[o, i] + biases[o, g(i)]. QA-LoRA trains
+
+    y = base(x) + s * B(A(dropout(pool(x))))      pool: [.., in] -> [.., n_groups], mean per quant group
+    A: n_groups -> r (Kaiming uniform, as nn.Linear/peft),  B: r -> out (zeros),  s = alpha / r
+
+The adapter sees only per-group means, so its update is constant within each (row, group) and
+folds exactly into the biases (merge.py). The pooled width caps the rank that can do anything:
+rank(B @ A) <= n_groups (SmolLM2 at group 32: 576 / 32 = 18; at group 128: 5).
+
+LoRALinear is the QLoRA-style baseline the paper compares with: A sees the full input (A: in -> r),
+so B @ A is a dense update that can only be merged by dequantizing and quantizing again.
+"""
+import hashlib
+import json
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from kernels import pool_groups, qmatmul
+from model import UserError
+from quant import QuantLinear
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class QALoRALinear(nn.Module):
+    """A frozen QuantLinear plus a low-rank adapter on its group-pooled input."""
+
+    def __init__(self, base: QuantLinear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base, self.rank, self.alpha, self.scaling = base, rank, alpha, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(base.n_groups, rank, bias=False)       # Kaiming-uniform init (nn.Linear's)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.zeros_(self.lora_B.weight)                             # starts as the identity update
+
+    def forward(self, x):
+        pooled = pool_groups(x, self.base.group_size)                  # [..., n_groups]
+        # The base's bias term needs the same group sums, so it reuses the pool; dropout touches only the
+        # adapter's copy (Dropout is not in-place), so sharing is valid in training too.
+        y = qmatmul(x, self.base, impl=self.base.impl, pooled=pooled)  # [..., out]
+        a = self.lora_A(self.dropout(pooled).to(self.lora_A.weight.dtype))
+        return y + (self.scaling * self.lora_B(a)).to(y.dtype)
+
+
+class LoRALinear(nn.Module):
+    """Plain LoRA on a (quantized or float) linear: y = base(x) + s * B(A(dropout(x))), A: in -> r."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base, self.rank, self.alpha, self.scaling = base, rank, alpha, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        y = self.base(x)
+        a = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))
+        return y + (self.scaling * self.lora_B(a)).to(y.dtype)
+
+
+ADAPTERS = {"qalora": QALoRALinear, "lora": LoRALinear}
+
+
+def adapter_layers(model):
+    """[(name, module)] of every adapter wrapper in the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QALoRALinear, LoRALinear))]
+
+
+def add_adapters(model, rank, alpha, dropout=0.0, targets=TARGETS, method="qalora"):
+    """Wrap every target linear (never lm_head) in place, freeze everything else, return the adapter params."""
+    if method not in ADAPTERS:
+        raise UserError(f"unknown adapter method {method!r}: use 'qalora' or 'lora'")
+    if rank < 1:
+        raise UserError(f"adapter rank must be >= 1, got {rank}")
+    if adapter_layers(model):
+        raise UserError("the model already has adapters: merge or reload it before adding new ones")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrap = ADAPTERS[method]
+    found = [(n, m) for n, m in model.named_modules() if n.split(".")[-1] in targets and n != "lm_head"]
+    if method == "qalora" and not any(isinstance(m, QuantLinear) for _, m in found):
+        raise UserError("QA-LoRA adapts a quantized base: quantize the model first (quant.py) "
+                        "or load a GGUF with keep_quantized=True")
+    params, capped = [], set()
+    for name, mod in found:
+        if method == "qalora" and not isinstance(mod, QuantLinear):
+            raise UserError(f"{name} is {type(mod).__name__}, not QuantLinear: QA-LoRA needs every target quantized")
+        if not isinstance(mod, (QuantLinear, nn.Linear)):
+            continue
+        if method == "qalora" and rank > mod.n_groups:
+            capped.add(mod.n_groups)
+        adapter = wrap(mod, rank, alpha, dropout).train(model.training)  # follow the model's mode
+        dev = next(iter(mod.buffers() if isinstance(mod, QuantLinear) else mod.parameters())).device
+        for lin in (adapter.lora_A, adapter.lora_B):                 # cast the adapter only, never the base
+            lin.to(dev, _dtype_of(mod))
+        model.set_submodule(name, adapter)
+        params += [adapter.lora_A.weight, adapter.lora_B.weight]
+    if not params:
+        raise UserError(f"no layer named any of {list(targets)} to adapt")
+    if capped:
+        warnings.warn(f"rank {rank} exceeds the pooled width {min(capped)} of some layers: "
+                      f"rank(B @ A) <= n_groups, so the extra rank there is wasted")
+    model.adapter_config = dict(method=method, rank=rank, alpha=alpha, dropout=dropout, targets=list(targets))
+    return params
+
+
+def _dtype_of(mod):
+    """The float dtype an adapter should use: the base's scales or weight dtype (float32 at least for training)."""
+    t = mod.scales if isinstance(mod, QuantLinear) else mod.weight
+    return t.dtype if t.dtype == torch.float64 else torch.float32
+
+
+def base_fingerprint(model):
+    """sha256 over every adapted base layer's name, shapes, dtypes and bytes (codes, scales, biases, bias).
+
+    The biases are included on purpose: a merged model has different biases, so an adapter cannot be
+    loaded (and merged a second time) onto the model it was already merged into."""
+    h = hashlib.sha256()
+    for name, layer in adapter_layers(model):
+        for key, t in sorted(layer.base.state_dict().items()):
+            t = t.detach().contiguous().cpu()
+            h.update(f"{name}.{key}:{tuple(t.shape)}:{t.dtype};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _quant_meta(model):
+    q = [m.base for _, m in adapter_layers(model) if isinstance(m.base, QuantLinear)]
+    return (q[0].bits, q[0].group_size) if q else (None, None)
+
+
+def _write_atomic(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapters(model, out_dir):
+    """Write out_dir/adapter.safetensors (only the adapter tensors) and out_dir/adapter.json."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise UserError("the model has no adapters to save")
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {}
+    for name, m in layers:
+        tensors[f"{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+    bits, group_size = _quant_meta(model)
+    meta = dict(model.adapter_config, bits=bits, group_size=group_size,
+                fingerprint=base_fingerprint(model), layers=[n for n, _ in layers])
+    _write_atomic(os.path.join(out_dir, "adapter.safetensors"), lambda p: save_file(tensors, p))
+    _write_atomic(os.path.join(out_dir, "adapter.json"),
+                  lambda p: open(p, "w").write(json.dumps(meta, indent=2) + "\n"))
+
+
+def read_adapter_config(adapter_dir):
+    path = os.path.join(adapter_dir, "adapter.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: pass a directory written by save_adapters")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_adapters(model, adapter_dir):
+    """Add adapters as recorded in adapter_dir (or check the existing ones match) and load their weights.
+
+    Refuses (UserError) an adapter trained on another base (fingerprint), or with another rank/method."""
+    cfg = read_adapter_config(adapter_dir)
+    if not adapter_layers(model):
+        add_adapters(model, cfg["rank"], cfg["alpha"], cfg["dropout"], tuple(cfg["targets"]), cfg["method"])
+    have = model.adapter_config
+    for key in ("method", "rank"):
+        if have[key] != cfg[key]:
+            raise UserError(f"{adapter_dir} holds a {key}={cfg[key]!r} adapter but the model's adapters have "
+                            f"{key}={have[key]!r}: load it onto a model without adapters")
+    if base_fingerprint(model) != cfg["fingerprint"] or [n for n, _ in adapter_layers(model)] != cfg["layers"]:
+        bits, gs = _quant_meta(model)
+        raise UserError(f"{adapter_dir} was trained on another base model (fingerprint mismatch; adapter: "
+                        f"bits={cfg['bits']} group_size={cfg['group_size']}, model: bits={bits} group_size={gs}); "
+                        f"load the exact quantized base it was trained on (not a merged one)")
+    tensors = load_file(os.path.join(adapter_dir, "adapter.safetensors"))
+    params = []
+    for name, m in adapter_layers(model):
+        for part in ("lora_A", "lora_B"):
+            w = getattr(m, part).weight
+            t = tensors.get(f"{name}.{part}.weight")
+            if t is None or t.shape != w.shape:
+                raise UserError(f"{adapter_dir}: {name}.{part}.weight is missing or has shape "
+                                f"{None if t is None else tuple(t.shape)}, expected {tuple(w.shape)}")
+            with torch.no_grad():
+                w.copy_(t)
+            params.append(w)
+    model.adapter_config = {k: cfg[k] for k in ("method", "rank", "alpha", "dropout", "targets")}
+    return params
