@@ -1,18 +1,51 @@
 """
 Dequant-matmul kernels: y = x @ w~^T (+ bias) for a quant.QuantLinear, where
 
-    w~[o, i] = scales[o, g(i)] * q[o, i] + biases[o, g(i)]      (g(i) = i // group_size)
+    w~[o, i] = scales[o, g] * q[o, i] + biases[o, g]        g = the group of column i
 
 One dispatch function, `qmatmul(x, layer, impl)`, with explicit choices:
 
-- "reference": unpack, dequantize, matmul. The readable definition; everything else is tested against it.
+- "reference": unpack, dequantize, matmul in float32. The readable definition; every other path is
+  tested against it.
+- "compiled": the grouped formulation, compiled with torch.compile (TorchInductor's C++ backend on CPU):
 
-More paths follow below the reference. `pool_groups` is the one group-mean pooling shared by the
-kernels (the bias term needs per-group input sums) and by QA-LoRA's adapter (its input is the pool).
+      y = sum_g scales_g * (x_g @ q_g^T)  +  sum_g biases_g * sum(x_g)
+
+  The second term needs only the per-group input sums, i.e. pool_groups(x) * group width: the same
+  pool QA-LoRA's adapter reads, so the adapter computes it once and passes it in (`pooled=`).
+  For M <= GEMV_MAX_M rows the first term is one fused reduction that reads the packed codes straight
+  from memory (decode); for more rows it dequantizes `scales * q` (fused, compiled) and calls the BLAS
+  matmul (prefill, training). Everything stays float32: equal to reference to ~1e-6 relative.
+- "native": PyTorch's int4 kernels (torch.ops.aten._weight_int4pack_mm_for_cpu on CPU,
+  _weight_int4pack_mm on CUDA); 4 bits, group 32/64/128/256 dividing in_features, out_features % 16 == 0.
+  They compute in bfloat16 (x is cast around the call): ||y - ref|| / ||ref|| <= NATIVE_RTOL.
+- "triton": a Triton dequant-matmul (CUDA; optional, guarded import; tested on CPU under TRITON_INTERPRET=1).
+- "auto": native when x is bfloat16 and the layer fits it (the caller already chose bf16 precision);
+  otherwise compiled for layers big enough to repay compiling (out*in >= COMPILE_MIN_NUMEL), else the
+  same grouped code run eagerly. fp32 callers (training, exactness checks) therefore always get
+  fp32-accurate results.
+
+Autograd: the base is frozen, so only the input gradient is needed: grad_x = grad_y @ w~, computed with
+the transposed grouped formulation (grad_y @ (scales*q) plus grad_y @ biases spread over each group).
 """
-import torch
+import os
+import warnings
 
-IMPLS = ("reference", "auto")
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # optional accelerator
+    triton = None
+
+IMPLS = ("reference", "compiled", "native", "triton", "auto")
+GEMV_MAX_M = 4  # up to this many rows the fused reduction beats dequantize + BLAS (measured in bench.py)
+COMPILE_MIN_NUMEL = 1 << 16  # auto compiles layers with out*in >= this; tiny ones run eagerly
+NATIVE_RTOL = 1e-2  # stated tolerance of the bf16 native path (measured ~2.5e-3, normwise)
+NATIVE_GROUPS = (32, 64, 128, 256)
+COMPILE = os.environ.get("QALORA_COMPILE", "1") != "0"  # QALORA_COMPILE=0 runs the grouped code eagerly
 
 
 # -----------------------------------------------------------------------------
@@ -59,13 +92,265 @@ def reference(x, layer):
 
 
 # -----------------------------------------------------------------------------
+# per-layer caches
+#
+# Derived tensors (a code layout, the native kernel's packed weight) are cached in a plain dict on the
+# layer, keyed by the identity and in-place version counter of the tensors they derive from, so that
+# copy_/load_state_dict/.to() invalidate them. Biases and scales are read fresh every call by the
+# compiled path (merge.py rewrites the biases); the native path's scale-and-zero tensor is keyed on both.
+
+def _key(*tensors):
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype, tuple(t.shape)) for t in tensors)
+
+
+def _cached(layer, name, deps, build):
+    cache = layer.__dict__.setdefault("_kernel_cache", {})
+    key = _key(*deps)
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = (key, build())
+        cache[name] = hit
+    return hit[1]
+
+
+# -----------------------------------------------------------------------------
+# compiled: the grouped formulation
+#
+# Code layout ("planes"): per row, the codes padded to n_groups * G (G = group_size; a short last group
+# is padded with code 0, whose scales*q term is 0) are packed with e = 2, 4 or 8 bits per code, LSB
+# first: c = 8 // e codes per byte, byte k of a row holds codes c*k + t at bits [t*e, (t+1)*e).
+# That is exactly quant.pack's layout, so for 2, 4 and 8 bits with in % G == 0 the layout IS
+# layer.qweight (no copy); 3-bit codes are stored in nibbles (e = 4), unaligned widths are padded.
+# Viewed as [out, n_groups, G/c] bytes, code t of byte j pairs with input column g*G + c*j + t, so the
+# input is permuted once per call to [M, n_groups, c, G/c] ("x planes") and every plane t is a
+# contiguous, vectorizable stream.
+
+def _layout(layer):
+    """(e, c, G, padded width) of the planes layout for this layer."""
+    G = layer.group_size
+    e = 4 if layer.bits == 3 else layer.bits
+    c = 8 // e
+    if G % c:  # a group width that does not fill whole bytes: one code per byte
+        e, c = 8, 1
+    return e, c, G, layer.n_groups * G
+
+
+def _planes(layer):
+    """Codes in the planes layout: uint8 [out, n_groups, G/c]."""
+    e, c, G, Kp = _layout(layer)
+    N, K = layer.out_features, layer.in_features
+    if e == layer.bits and K == Kp:  # already laid out this way: a view of the buffer, nothing cached
+        return layer.qweight.view(N, layer.n_groups, G // c)
+
+    def build():
+        import quant
+        q = quant.unpack(layer.qweight, layer.bits, K)  # [N, K] uint8
+        q = F.pad(q, (0, Kp - K))  # [N, Kp], code 0 in the padding
+        return quant.pack(q, e).view(N, layer.n_groups, G // c)
+
+    return _cached(layer, "planes", (layer.qweight,), build)
+
+
+def _x_planes(x2, c, G, Kp):
+    """[M, K] -> [M, n_groups, c, G/c]: column g*G + c*j + t goes to [g, t, j]."""
+    M, K = x2.shape
+    if Kp != K:
+        x2 = F.pad(x2, (0, Kp - K))
+    return x2.view(M, Kp // G, G // c, c).transpose(2, 3).contiguous()
+
+
+def _gemv(xp, P, scales, e: int, c: int):
+    """sum_g scales_g * (x_g @ q_g^T) for few rows. xp [M, ng, c, G/c] f32, P [N, ng, G/c] uint8,
+    scales [N, ng] -> [M, N]. Loop order n-outer, m-inner so each row of codes is read once."""
+    mask = (1 << e) - 1
+    acc = None
+    for t in range(c):
+        q_t = ((P >> (t * e)) & mask).to(torch.float32).unsqueeze(1)  # [N, 1, ng, G/c]
+        term = xp[:, :, t, :].unsqueeze(0) * q_t  # [N, M, ng, G/c]
+        acc = term if acc is None else acc + term
+    return (acc * scales[:, None, :, None]).sum(dim=(2, 3)).T  # [M, N]
+
+
+def _dequant_sq(P, scales, e: int, c: int):
+    """scales * q in the natural column order: [N, ng, G/c] codes -> [N, ng*G] f32."""
+    N, ng, Gc = P.shape
+    mask = (1 << e) - 1
+    q = torch.stack([(P >> (t * e)) & mask for t in range(c)], dim=3)  # [N, ng, G/c, c]
+    return (q.to(torch.float32) * scales[:, :, None, None]).reshape(N, ng * Gc * c)  # [N, Kp]
+
+
+_compiled_fns = {}
+_compile_failed = False
+
+
+def _maybe_compiled(fn, compiled):
+    """torch.compile(fn), or fn itself when compiling is off or has failed once (one warning)."""
+    if not compiled or not COMPILE or _compile_failed:
+        return fn
+    if fn not in _compiled_fns:
+        import torch._dynamo
+        # one graph per layer shape (static shapes vectorize best); a model has a handful of shapes
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        _compiled_fns[fn] = torch.compile(fn, dynamic=False)
+    return _compiled_fns[fn]
+
+
+def _run(fn, compiled, *args):
+    """Call the compiled fn; if compilation fails, warn once and run eagerly from then on."""
+    global _compile_failed
+    f = _maybe_compiled(fn, compiled)
+    if f is fn:
+        return fn(*args)
+    try:
+        return f(*args)
+    except Exception as err:  # a missing/broken C++ toolchain, an inductor bug: degrade, do not die
+        _compile_failed = True
+        warnings.warn(f"kernels: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
+                      f"running the grouped kernels eagerly")
+        return fn(*args)
+
+
+def _sq_weight(layer, compiled):
+    """scales * q as a dense f32 [out, in] (the biases are added separately)."""
+    e, c, G, Kp = _layout(layer)
+    w = _run(_dequant_sq, compiled, _planes(layer), layer.scales.float(), e, c)  # [N, Kp]
+    return w[:, :layer.in_features] if Kp != layer.in_features else w
+
+
+def _grad_input(gy, layer, compiled):
+    """grad_x = grad_y @ w~ = grad_y @ (scales*q) + (grad_y @ biases) spread over each group."""
+    gx = gy @ _sq_weight(layer, compiled)  # [M, in]
+    gb = gy @ layer.biases.float()  # [M, n_groups]
+    widths = group_widths(layer.in_features, layer.group_size, device=gy.device, dtype=torch.long)
+    return gx + gb.repeat_interleave(widths, dim=1)
+
+
+class _GroupedScaleMatmul(torch.autograd.Function):
+    """x2 [M, in] f32 -> x2 @ (scales * q)^T [M, out]; backward: grad @ (scales * q)."""
+
+    @staticmethod
+    def forward(ctx, x2, layer, compiled):
+        ctx.layer, ctx.compiled = layer, compiled
+        e, c, G, Kp = _layout(layer)
+        if x2.shape[0] <= GEMV_MAX_M:
+            xp = _x_planes(x2, c, G, Kp)  # [M, ng, c, G/c]
+            return _run(_gemv, compiled, xp, _planes(layer), layer.scales.float(), e, c)
+        return x2 @ _sq_weight(layer, compiled).T  # [M, out]
+
+    @staticmethod
+    def backward(ctx, gy):
+        return gy @ _sq_weight(ctx.layer, ctx.compiled), None, None
+
+
+def grouped(x, layer, pooled=None, compiled=True):
+    """The grouped formulation (the "compiled" impl; compiled=False runs the same code eagerly)."""
+    K = layer.in_features
+    x2 = x.reshape(-1, K).float()  # [M, in]
+    y = _GroupedScaleMatmul.apply(x2, layer, compiled)  # [M, out]: sum_g scales_g * x_g @ q_g^T
+    if pooled is None:
+        pooled = pool_groups(x2, layer.group_size)  # [M, ng]
+    sums = pooled.reshape(-1, layer.n_groups).float() * group_widths(K, layer.group_size, device=x.device)
+    y = y + sums @ layer.biases.float().T  # + sum_g biases_g * sum(x_g)
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+# -----------------------------------------------------------------------------
+# native: PyTorch's int4 kernels (tinygemm layout)
+#
+# Their dequantization is  w = (q - 8) * scale + zero  per (row, group), with q the 4-bit code.
+# Ours is  w = scales * q + biases,  so  scale = scales  and  zero = biases + 8 * scales
+# (checked in tests/test_kernels.py). scales_and_zeros is bf16 [n_groups, out, 2] (scale, zero).
+# The weight is packed once by _convert_weight_to_int4pack(_for_cpu) and cached on the layer.
+
+def native_supported(layer, device=None):
+    device = device or layer.qweight.device
+    return (layer.bits == 4 and layer.group_size in NATIVE_GROUPS and layer.in_features % layer.group_size == 0
+            and layer.out_features % 16 == 0 and device.type in ("cpu", "cuda"))
+
+
+def _native_weight(layer):
+    def build():
+        import quant
+        q = quant.unpack(layer.qweight, 4, layer.in_features)  # [N, K] uint8
+        if layer.qweight.device.type == "cuda":
+            # CUDA packs two codes per byte, even column in the high nibble (torchao's convention), 8 k-tiles
+            return torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), 8)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)  # [N, K/2]
+    return _cached(layer, "native_w", (layer.qweight,), build)
+
+
+def _native_scales_zeros(layer):
+    def build():
+        s, b = layer.scales.float(), layer.biases.float()
+        return torch.stack([s, b + 8 * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [ng, N, 2]
+    return _cached(layer, "native_sz", (layer.scales, layer.biases), build)
+
+
+class _NativeMatmul(torch.autograd.Function):
+    """x2 [M, in] -> bf16 int4 matmul [M, out] (no layer.bias); backward in f32 via the grouped form."""
+
+    @staticmethod
+    def forward(ctx, x2, layer):
+        ctx.layer = layer
+        xb = x2.to(torch.bfloat16)
+        w, sz = _native_weight(layer), _native_scales_zeros(layer)
+        if x2.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(xb, w, layer.group_size, sz)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, layer.group_size, sz)
+        return y.to(x2.dtype)  # [M, out]
+
+    @staticmethod
+    def backward(ctx, gy):
+        return _grad_input(gy.float(), ctx.layer, compiled=True).to(gy.dtype), None
+
+
+def native(x, layer):
+    assert native_supported(layer, x.device), (
+        f"native int4 kernel needs bits=4, group_size in {NATIVE_GROUPS} dividing in_features and out_features % 16 "
+        f"== 0; got bits={layer.bits}, group_size={layer.group_size}, in={layer.in_features}, out={layer.out_features}")
+    x2 = x.reshape(-1, layer.in_features)
+    y = _NativeMatmul.apply(x2, layer)
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+# -----------------------------------------------------------------------------
 # dispatch
+
+def choose_impl(x, layer):
+    """What impl="auto" runs for this input and layer."""
+    if x.dtype == torch.bfloat16 and native_supported(layer, x.device):
+        return "native"
+    if x.device.type == "cuda" and triton is not None:
+        return "triton"
+    return "compiled" if layer.in_features * layer.out_features >= COMPILE_MIN_NUMEL else "eager"
+
 
 def qmatmul(x, layer, impl="auto", pooled=None):
     """y [..., out] = x [..., in] @ w~^T (+ layer.bias). `pooled` (optional) is pool_groups(x, group_size),
     computed once by QA-LoRA's adapter and shared with the bias term of the grouped paths."""
     assert x.shape[-1] == layer.in_features, (
         f"qmatmul: input width {x.shape[-1]} does not match layer in_features={layer.in_features}")
-    if impl in ("reference", "auto"):
+    if impl == "auto":
+        impl = choose_impl(x, layer)
+    if impl == "reference":
         return reference(x, layer)
+    if impl == "compiled":
+        return grouped(x, layer, pooled, compiled=True)
+    if impl == "eager":
+        return grouped(x, layer, pooled, compiled=False)
+    if impl == "native":
+        return native(x, layer)
+    if impl == "triton":
+        return triton_qmatmul(x, layer)
     raise ValueError(f"qmatmul: unknown impl {impl!r}; use one of {IMPLS}")
+
+
+def triton_qmatmul(x, layer):
+    raise NotImplementedError("kernels: the triton path is not written yet")
