@@ -17,10 +17,7 @@ the biases, so an integer zero point would not do).
 """
 import argparse
 import json
-import math
 import os
-import random
-import shutil
 import sys
 
 import torch
@@ -72,9 +69,10 @@ def _group_reduce(w, group_size, op):
 
 
 def _expand(p, in_features, group_size):
-    """Per-group parameter [out, n_groups] -> per-column [out, in]."""
-    widths = torch.tensor(group_sizes(in_features, group_size), device=p.device)
-    return p.repeat_interleave(widths, dim=1)
+    """Per-group parameter [out, n_groups] -> per-column [out, in] (the short last group is cut)."""
+    out, n_groups = p.shape
+    gs = effective_group_size(in_features, group_size)
+    return p.unsqueeze(2).expand(out, n_groups, gs).reshape(out, n_groups * gs)[:, :in_features]
 
 
 # -----------------------------------------------------------------------------
@@ -452,25 +450,7 @@ def quantize_model(model, bits, group_size, method="rtn", calib=None, batch_size
 
 
 # -----------------------------------------------------------------------------
-# calibration data and CLI
-
-def encode_text(tok, text, chunk_lines=2000):
-    """Tokenize a long text without BOS, in chunks of lines (keeps slow tokenizers linear)."""
-    lines = text.splitlines(keepends=True)
-    ids = []
-    for i in range(0, len(lines), chunk_lines):
-        ids += tok.encode("".join(lines[i:i + chunk_lines]), bos=False)
-    return ids
-
-
-def calibration_windows(ids, nsamples, seq_len, seed=0):
-    """nsamples random windows of seq_len tokens -> LongTensor [nsamples, seq_len] (GPTQ's recipe)."""
-    if len(ids) <= seq_len:
-        raise _error(f"calibration text has {len(ids)} tokens; need more than --seq-len {seq_len}")
-    rng = random.Random(seed)
-    starts = [rng.randrange(0, len(ids) - seq_len) for _ in range(nsamples)]
-    return torch.tensor([ids[s:s + seq_len] for s in starts], dtype=torch.long)
-
+# CLI
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Quantize a model (min-max RTN or GPTQ) and save a quantized checkpoint.")
@@ -491,6 +471,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import time
+    import data
     import model as model_lib
     import tokenizer as tokenizer_lib
 
@@ -502,10 +483,8 @@ def main(argv=None):
     if args.quant == "gptq":
         if args.calib is None:
             raise _error("--quant gptq needs --calib FILE (a text file to calibrate on)")
-        with open(args.calib, encoding="utf-8") as f:
-            text = f.read()
         tok = tokenizer_lib.load_tokenizer(path)
-        calib = calibration_windows(encode_text(tok, text), args.nsamples, args.seq_len, args.seed)
+        calib = data.calibration_windows(tok, args.calib, n=args.nsamples, seq_len=args.seq_len, seed=args.seed)
     torch.manual_seed(args.seed)
     model = model_lib.Transformer.from_pretrained(path)
     t0 = time.time()
@@ -513,11 +492,7 @@ def main(argv=None):
                    **({"damp": args.damp, "block_size": args.block_size, "act_order": args.act_order,
                        "static_groups": args.act_order} if args.quant == "gptq" else {}))
     seconds = time.time() - t0
-    model.save_pretrained(args.out)
-    if os.path.isdir(path):  # carry the tokenizer along so the checkpoint is self-contained
-        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if os.path.exists(os.path.join(path, name)):
-                shutil.copy(os.path.join(path, name), os.path.join(args.out, name))
+    model.save_pretrained(args.out)  # also saves the source's tokenizer beside the weights
     print(json.dumps({"out": args.out, "bits": args.bits, "group_size": args.group_size, "method": args.quant,
                       "seconds": round(seconds, 1)}))
 
