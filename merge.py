@@ -88,7 +88,8 @@ def q4_1_blocks(layer):
     """QuantLinear (4-bit, groups of multiples of 32) -> Q4_1 rows, uint8 [out, in/32 * 20]."""
     codes = layer.codes()                                                        # [out, in]
     out, n = codes.shape
-    per = torch.tensor(quant.group_sizes(n, layer.group_size)) // 32             # blocks per group
+    widths = quant.group_sizes(n, layer.group_size)
+    per = widths[0] // 32 if len(set(widths)) == 1 else torch.tensor(widths) // 32  # blocks per group
     d = layer.scales.to(torch.float16).repeat_interleave(per, dim=1)             # [out, nb]
     m = layer.biases.to(torch.float16).repeat_interleave(per, dim=1)             # [out, nb]
     q = codes.view(out, n // 32, 32)

@@ -119,3 +119,177 @@ def test_merge_refuses_the_wrong_kind(tiny_args):
         merge_lora_baseline(qa, 4, 32)
     with pytest.raises(UserError, match="merge"):
         export_gguf(qa, "/nonexistent/x.gguf")
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF: decoded here with numpy, independently of merge.py and model.py
+
+def decode_q4_1(data, rows, cols):
+    """llama.cpp's dequantize_row_q4_1: per 32 weights f16 d, f16 m, 16 bytes; w = d * q + m."""
+    b = np.asarray(data, dtype=np.uint8).reshape(rows, cols // 32, 20)
+    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)          # [rows, nb, 1]
+    m = b[..., 2:4].copy().view(np.float16).astype(np.float32)
+    q = np.concatenate([b[..., 4:] & 0x0F, b[..., 4:] >> 4], axis=-1)  # [rows, nb, 32]: j | j+16 << 4
+    return (d * q.astype(np.float32) + m).reshape(rows, cols), q.reshape(rows, cols)
+
+
+def gguf_rows_to_hf(w, n_heads):
+    """llama.cpp's converter interleaves each q/k head's two rotary halves; undo it."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)  # [h, d/2, 2] -> [h, 2, d/2]
+
+
+GGUF_NAME = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def merged_model(tiny_args, bits, group_size, **kw):
+    model = quantized_model(tiny_args, bits, group_size, **kw)
+    add_adapters(model, rank=2, alpha=4.0)
+    randomize_B(model)
+    return merge_adapters(model)
+
+
+# dim 96 / hidden 160: group 64 -> 64 + a short 32; group 128 -> the 96-wide row, and 128 + a short 32
+@pytest.mark.filterwarnings("ignore:rank 2 exceeds")
+@pytest.mark.parametrize("group_size,tie", [(32, False), (64, True), (128, False)])
+def test_gguf_round_trip(tiny_args, tmp_path, group_size, tie, capsys):
+    from gguf import GGUFReader
+    scaling = None if tie else {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = merged_model(tiny_args, 4, group_size, dim=96, hidden_dim=160, n_heads=4, n_kv_heads=2,
+                         tie_embeddings=tie, rope_scaling=scaling)
+    path = export_gguf(model, tmp_path / "m.gguf")
+    reader = GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    a = model.args
+    assert field("general.architecture") == "llama" and field("llama.block_count") == a.n_layers
+    assert (field("llama.embedding_length"), field("llama.feed_forward_length")) == (a.dim, a.hidden_dim)
+    assert (field("llama.attention.head_count"), field("llama.attention.head_count_kv")) == (4, 2)
+    assert ("output.weight" in tensors) != tie and ("rope_freqs.weight" in tensors) == (scaling is not None)
+    worst = 0.0
+    for i in range(a.n_layers):
+        for name, layer in model.layers[i].named_modules():
+            if not isinstance(layer, quant.QuantLinear):
+                continue
+            t = tensors[f"blk.{i}.{GGUF_NAME[name.split('.')[-1]]}.weight"]
+            assert t.tensor_type.name == "Q4_1"
+            w, q = decode_q4_1(t.data, layer.out_features, layer.in_features)
+            heads = 4 if name.endswith("q_proj") else 2 if name.endswith("k_proj") else None
+            if heads:
+                w, q = gguf_rows_to_hf(w, heads), gguf_rows_to_hf(q, heads)
+            assert np.array_equal(q, layer.codes().numpy())                              # codes exact
+            f16 = quant.dequantize(layer.codes(), layer.scales.half().float(), layer.biases.half().float(),
+                                   layer.group_size).numpy()
+            assert np.array_equal(w, f16)                  # exactly our weights with scales/biases in f16
+            ours = layer.dequantize_weight().numpy()
+            bound = quant.dequantize(layer.codes(), layer.scales.abs() * 2.0**-11,
+                                     layer.biases.abs() * 2.0**-11, layer.group_size).numpy()
+            assert (np.abs(w - ours) <= bound + 1e-12).all()   # |err| <= 2^-11 (|d| q + |m|): f16 rounding only
+            worst = max(worst, float(np.abs(w - ours).max() / np.abs(ours).max()))
+    np.testing.assert_array_equal(tensors["token_embd.weight"].data, model.embed_tokens.weight.detach().numpy())
+    np.testing.assert_array_equal(tensors["output_norm.weight"].data, model.norm.weight.detach().numpy())
+    with capsys.disabled():
+        print(f"\nGGUF Q4_1 export g{group_size}: max |w_gguf - w| / max |w| = {worst:.2e} (f16 scales/biases)")
+    reloaded = Transformer.from_pretrained(path, keep_quantized=True)   # model.py's loader agrees
+    torch.testing.assert_close(reloaded.inv_freq, model.inv_freq)
+    if group_size == 32:
+        for (n1, m1), (n2, m2) in zip(model.named_modules(), reloaded.named_modules()):
+            if isinstance(m1, quant.QuantLinear):
+                assert n1 == n2 and torch.equal(m1.codes(), m2.codes()), n1
+                assert torch.equal(m1.biases.half().float(), m2.biases), n1
+    ids = torch.randint(0, a.vocab_size, (2, 10))
+    with torch.no_grad():
+        assert rel_err(reloaded(ids), model(ids)) < 1e-2
+
+
+def test_gguf_refuses_what_q4_1_cannot_hold(tiny_args, tmp_path):
+    with pytest.raises(UserError, match="group_size=16"):
+        export_gguf(merged_model(tiny_args, 4, 16), tmp_path / "a.gguf")
+    with pytest.raises(UserError, match="bits=3"):
+        export_gguf(merged_model(tiny_args, 3, 32), tmp_path / "b.gguf")
+    assert not list(tmp_path.iterdir())                 # nothing half-written
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end_gguf_bytes(smollm_gguf, tmp_path):
+    """The embedded default: Q4_1 kept as codes, adapters trained two steps, merged, exported. Every Q4_1
+    block keeps its codes and d byte for byte, only m moves; every other tensor is byte-identical."""
+    from gguf import GGUFReader
+    model = Transformer.from_pretrained(smollm_gguf, keep_quantized=True)
+    params = add_adapters(model, rank=4, alpha=8.0)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids = torch.randint(0, model.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert all(torch.count_nonzero(m.lora_B.weight) > 0 for _, m in adapter_layers(model))
+    with torch.no_grad():
+        before = model(ids)
+        merge_adapters(model)
+        assert rel_err(model(ids), before) < 1e-5
+    out = export_gguf(model, tmp_path / "merged.gguf")
+    src, new = GGUFReader(smollm_gguf), GGUFReader(str(out))
+    assert [t.name for t in src.tensors] == [t.name for t in new.tensors]
+    moved = 0
+    for a, b in zip(src.tensors, new.tensors):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == list(b.shape), a.name
+        if a.tensor_type.name == "Q4_1":
+            x = np.asarray(a.data).reshape(a.data.shape[0], -1, 20)
+            y = np.asarray(b.data).reshape(x.shape)
+            assert np.array_equal(x[..., 0:2], y[..., 0:2]) and np.array_equal(x[..., 4:], y[..., 4:]), a.name
+            moved += not np.array_equal(x[..., 2:4], y[..., 2:4])
+        else:   # the Q8_0 embedding (also the head) and the F32 norms
+            assert a.data.tobytes() == b.data.tobytes(), a.name
+    assert moved == 7 * model.args.n_layers   # every adapted layer's mins moved
+    for k, f in src.fields.items():
+        if not k.startswith("GGUF."):
+            assert new.fields[k].contents() == f.contents(), k   # tokenizer, chat template, llama.*
+
+
+# ----------------------------------------------------------------------------------------------------
+# MLX: model.safetensors decoded here (uint32 words -> LSB-first bit stream -> codes)
+
+def decode_mlx(words, scales, biases, bits, group_size):
+    rows = words.shape[0]
+    stream = np.unpackbits(words.astype("<u4").view(np.uint8), axis=1, bitorder="little")  # [rows, in*bits]
+    q = (stream.reshape(rows, -1, bits).astype(np.int64) << np.arange(bits)).sum(-1)      # [rows, in]
+    s = np.repeat(scales.astype(np.float32), group_size, axis=1)
+    b = np.repeat(biases.astype(np.float32), group_size, axis=1)
+    return q, s * q.astype(np.float32) + b
+
+
+@pytest.mark.filterwarnings("ignore:rank 2 exceeds")
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (4, 32), (8, 128)])
+def test_mlx_export_decodes_to_our_weights(tiny_args, tmp_path, bits, group_size):
+    from safetensors.numpy import load_file
+    model = merged_model(tiny_args, bits, group_size, dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2)
+    out = export_mlx(model, tmp_path / "mlx", dtype=torch.float32)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"] == {"group_size": group_size, "bits": bits} and cfg["model_type"] == "llama"
+    tensors = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" in tensors and "model.norm.weight" in tensors
+    for name, layer in model.named_modules():
+        if not isinstance(layer, quant.QuantLinear):
+            continue
+        words = tensors[f"model.{name}.weight"]
+        assert words.dtype == np.uint32 and words.shape == (layer.out_features, layer.in_features * bits // 32)
+        q, w = decode_mlx(words, tensors[f"model.{name}.scales"], tensors[f"model.{name}.biases"], bits, group_size)
+        assert np.array_equal(q, layer.codes().numpy().astype(np.int64)), name
+        np.testing.assert_array_equal(w, layer.dequantize_weight().numpy())
+    half = export_mlx(model, tmp_path / "mlx16")                       # default float16, as mlx_lm uses
+    t16 = load_file(str(half / "model.safetensors"))
+    assert t16["model.layers.0.mlp.up_proj.scales"].dtype == np.float16
+    assert json.loads((half / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_mlx_refuses_groups_it_cannot_run(tiny_args, tmp_path):
+    with pytest.raises(UserError, match="group_size=16"):
+        export_mlx(merged_model(tiny_args, 4, 16), tmp_path / "a")
+    with pytest.raises(UserError, match="in_features=80"):
+        export_mlx(merged_model(tiny_args, 4, 32, dim=80, hidden_dim=128), tmp_path / "b")
