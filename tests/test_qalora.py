@@ -51,7 +51,8 @@ def test_qalora_linear_equals_dense_reference(bits, group_size, in_features):
     x = torch.randn(2, 7, in_features)
     dense = base.dequantize_weight().double() + layer.scaling * (
         layer.lora_B.weight.double() @ expand_columns(layer.lora_A.weight.double(), in_features, base.group_size))
-    torch.testing.assert_close(layer(x).double(), x.double() @ dense.T, rtol=1e-5, atol=1e-5)
+    ref = x.double() @ dense.T
+    assert ((layer(x).double() - ref).abs().max() / ref.abs().max()).item() < 1e-5   # float32 accuracy
     assert layer.lora_A.weight.shape == (3, base.n_groups) and layer.scaling == 2.0
 
 
