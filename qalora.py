@@ -40,7 +40,8 @@ class QALoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)                             # starts as the identity update
 
     def forward(self, x):
-        pooled = pool_groups(x, self.base.group_size)                  # [..., n_groups]
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # pool bf16/f16 inputs in f32
+        pooled = pool_groups(xf, self.base.group_size)                 # [..., n_groups]
         # The base's bias term needs the same group sums, so it reuses the pool; dropout touches only the
         # adapter's copy (Dropout is not in-place), so sharing is valid in training too.
         y = qmatmul(x, self.base, impl=self.base.impl, pooled=pooled)  # [..., out]

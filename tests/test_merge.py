@@ -293,3 +293,38 @@ def test_mlx_refuses_groups_it_cannot_run(tiny_args, tmp_path):
         export_mlx(merged_model(tiny_args, 4, 16), tmp_path / "a")
     with pytest.raises(UserError, match="in_features=80"):
         export_mlx(merged_model(tiny_args, 4, 32, dim=80, hidden_dim=128), tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the CLI
+
+def run_merge(*args):
+    return subprocess.run([sys.executable, str(ROOT / "merge.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli_merges_exports_and_checks(tiny_args, tmp_path):
+    base = quantized_model(tiny_args, 4, 32)
+    base.save_pretrained(tmp_path / "base")
+    model = Transformer.from_pretrained(tmp_path / "base")
+    add_adapters(model, rank=2, alpha=4.0)
+    randomize_B(model)
+    save_adapters(model, tmp_path / "adapter")
+    r = run_merge("--model", tmp_path / "base", "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged",
+                  "--gguf", tmp_path / "merged.gguf", "--mlx", tmp_path / "mlx", "--check")
+    assert r.returncode == 0, r.stderr
+    diffs = {line.split()[1].rstrip(":"): float(line.split("relative ")[1].rstrip(")"))
+             for line in r.stdout.splitlines() if line.startswith("check ")}
+    assert diffs["checkpoint"] < 1e-5 and diffs["gguf"] < 1e-2, r.stdout
+    assert (tmp_path / "mlx" / "model.safetensors").is_file()
+    merged = Transformer.from_pretrained(tmp_path / "merged")
+    merge_adapters(model)
+    for (n, a), (_, b) in zip(model.named_modules(), merged.named_modules()):
+        if isinstance(a, quant.QuantLinear):
+            assert torch.equal(a.qweight, b.qweight) and torch.equal(a.biases, b.biases), n
+    again = run_merge("--model", tmp_path / "base", "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged")
+    assert again.returncode == 1 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    other = run_merge("--model", tmp_path / "merged", "--adapter", tmp_path / "adapter", "--out", tmp_path / "x")
+    assert other.returncode == 1 and other.stderr.startswith("error:") and "another base" in other.stderr
+    missing = run_merge("--model", tmp_path / "base", "--adapter", tmp_path / "nope", "--out", tmp_path / "y")
+    assert missing.returncode == 1 and "adapter.json" in missing.stderr and "Traceback" not in missing.stderr
