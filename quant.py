@@ -16,6 +16,7 @@ are hit exactly. scales and biases are float32 (QA-LoRA's merge adds a non-integ
 the biases, so an integer zero point would not do).
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -197,10 +198,28 @@ def _cholesky_inverse_upper(H, damp):
     raise _error("gptq: Hessian is not positive definite even with heavy dampening; check the calibration data")
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """GPTQ's column loop is thousands of tiny ops, where intra-op threads cost more than they
+    give (on a busy 2-core machine torch.cholesky_inverse of a 1536^2 matrix took 20 s on 2 threads,
+    0.13 s on 1, and the loop 35x longer): run the solver single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def gptq(w, H, bits, group_size, damp=0.01, block_size=128, act_order=False, static_groups=False):
     """GPTQ one layer. w [out, in], H [in, in] ~ X X^T (any positive multiple).
     Returns (q uint8 [out, in], scales f32 [out, G], biases f32 [out, G]) in the original column
     order, with consecutive groups exactly as `quantize` (short last group included)."""
+    with _one_thread():
+        return _gptq(w, H, bits, group_size, damp, block_size, act_order, static_groups)
+
+
+def _gptq(w, H, bits, group_size, damp, block_size, act_order, static_groups):
     _check(bits, group_size)
     if act_order and not static_groups:
         raise _error("gptq: act_order=True needs static_groups=True (groups are stored as consecutive "
@@ -374,38 +393,70 @@ def _capture_block_inputs(model, calib, batch_size):
     return captured
 
 
-def _run_block(block, inputs):
-    outs = []
-    for x, args, kwargs in inputs:
-        y = block(x, *args, **kwargs)
-        outs.append(y[0] if isinstance(y, tuple) else y)
+class _Replay(nn.Module):
+    """Stands in for a finished submodule (all its linears quantized): returns the outputs it gave
+    in an earlier pass, one per calibration batch, instead of computing them again."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs, self.i = outputs, 0
+
+    def forward(self, *args, **kwargs):
+        self.i += 1
+        return self.outputs[self.i - 1]
+
+
+def _block_pass(block, inputs, done, cache, pre_hook=None):
+    """One pass of the calibration batches through a block. `pre_hook` (module, hook) may raise _Stop
+    to end each batch early. Direct children of the block whose linears are all in `done` give the
+    same output in every later pass: they are recorded once (cache) and replayed after that, so the
+    stages of one block cost about one forward instead of four. Returns the block's outputs."""
+    outs, handles, recording, replaced = [], [], {}, {}
+    for name, child in list(block.named_children()):
+        linears = [f"{name}.{n}" for n, m in child.named_modules() if isinstance(m, nn.Linear)]
+        if name in cache:
+            replaced[name] = child
+            _set_module(block, name, _Replay(cache[name]))
+        elif linears and all(n in done for n in linears):
+            recording[name] = []
+            handles.append(child.register_forward_hook(lambda m, a, y, rec=recording[name]: rec.append(y)))
+    if pre_hook is not None:
+        handles.append(pre_hook[0].register_forward_pre_hook(pre_hook[1]))
+    try:
+        for x, args, kwargs in inputs:
+            try:
+                y = block(x, *args, **kwargs)
+                outs.append(y[0] if isinstance(y, tuple) else y)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        for name, child in replaced.items():
+            _set_module(block, name, child)
+    cache.update({name: rec for name, rec in recording.items() if len(rec) == len(inputs)})
     return outs
 
 
 @torch.no_grad()
 def _gptq_block(block, inputs, bits, group_size, **gptq_kw):
-    """Quantize one block stage by stage; returns nothing (block modified in place)."""
+    """GPTQ one block in place, stage by stage; returns the quantized block's outputs for `inputs`.
+    While the block is calibrated, a quantized linear stays an nn.Linear holding w~ (its dequantized
+    weights): later stages see quantized outputs at plain matmul speed. QuantLinears replace them at the end."""
+    done, cache = {}, {}
     for stage in _block_stages(block):
         first = block.get_submodule(stage[0])
         H = torch.zeros(first.in_features, first.in_features)
         n = 0
 
         def hook(module, args):
-            nonlocal H, n
+            nonlocal n
             x = args[0].reshape(-1, args[0].shape[-1]).float()  # [b*T, in]
-            H += x.T @ x
+            H.addmm_(x.T, x)  # H += X^T X
             n += x.shape[0]
-            raise _Stop
+            raise _Stop  # the rest of the block is not needed for this stage
 
-        handle = first.register_forward_pre_hook(hook)
-        try:
-            for x, args, kwargs in inputs:
-                try:
-                    block(x, *args, **kwargs)
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
+        _block_pass(block, inputs, done, cache, pre_hook=(first, hook))
         H *= 2 / n  # H = 2/n X X^T, as in the reference (any positive multiple would do)
 
         # Rows are independent in GPTQ, so linears that share an input (q/k/v, gate/up)
@@ -417,8 +468,14 @@ def _gptq_block(block, inputs, bits, group_size, **gptq_kw):
         for name, m in zip(stage, layers):
             rows = slice(row, row + m.out_features)
             row += m.out_features
-            _set_module(block, name, QuantLinear.from_codes(q[rows], scales[rows], biases[rows], bits, group_size,
-                                                            bias=m.bias).to(m.weight.device))
+            done[name] = (q[rows], scales[rows], biases[rows], m)
+            m.weight.copy_(dequantize(q[rows], scales[rows], biases[rows], group_size))
+
+    outs = _block_pass(block, inputs, done, cache)  # the quantized block's outputs feed the next block
+    for name, (q, scales, biases, m) in done.items():
+        ql = QuantLinear.from_codes(q, scales, biases, bits, group_size, bias=m.bias)
+        _set_module(block, name, ql.to(m.weight.device))
+    return outs
 
 
 @torch.no_grad()
@@ -439,8 +496,7 @@ def quantize_model(model, bits, group_size, method="rtn", calib=None, batch_size
         model.eval()
         inputs = _capture_block_inputs(model, calib, batch_size)
         for block in tqdm(model.layers, desc=f"gptq {bits}-bit g{group_size}", disable=not progress):
-            _gptq_block(block, inputs, bits, group_size, **gptq_kw)
-            outs = _run_block(block, inputs)  # the quantized block's outputs feed the next block
+            outs = _gptq_block(block, inputs, bits, group_size, **gptq_kw)
             inputs = [(y, args, kwargs) for y, (x, args, kwargs) in zip(outs, inputs)]
         model.train(was_training)
         for name, m in _targets(model):  # linears outside the blocks (none in LLaMA): RTN

@@ -312,3 +312,19 @@ def test_smollm2_keep_quantized_equals_rtn_of_dequantized(smollm_gguf):
         if isinstance(m2, quant.QuantLinear):
             assert torch.equal(m1.qweight, m2.qweight), n1
             assert torch.equal(m1.scales, m2.scales) and torch.equal(m1.biases, m2.biases), n1
+
+
+def test_gptq_replay_of_finished_submodules_changes_nothing(tiny_args, monkeypatch):
+    """_block_pass replays finished submodules instead of recomputing them: same codes as without."""
+    calib = torch.randint(0, 128, (6, 32))
+    fast = _tiny_model(tiny_args, hidden_dim=100)
+    quant.quantize_model(fast, 3, 32, method="gptq", calib=calib, batch_size=4, progress=False)
+    block_pass = quant._block_pass
+    monkeypatch.setattr(quant, "_block_pass", lambda block, inputs, done, cache, pre_hook=None:
+                        block_pass(block, inputs, done, {}, pre_hook))
+    slow = _tiny_model(tiny_args, hidden_dim=100)
+    quant.quantize_model(slow, 3, 32, method="gptq", calib=calib, batch_size=4, progress=False)
+    for (n1, m1), (n2, m2) in zip(fast.named_modules(), slow.named_modules()):
+        if isinstance(m1, quant.QuantLinear):
+            assert torch.equal(m1.qweight, m2.qweight) and torch.equal(m1.scales, m2.scales), n1
+            assert torch.equal(m1.biases, m2.biases), n1
