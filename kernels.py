@@ -172,11 +172,13 @@ def _gemv(xp, P, scales, e: int, c: int):
 
 
 def _dequant_sq(P, scales, e: int, c: int):
-    """scales * q in the natural column order: [N, ng, G/c] codes -> [N, ng*G] f32."""
+    """scales * q in planes column order: [N, ng, G/c] codes -> [N, ng*G] f32, column g*G + t*(G/c) + j
+    holding code c*j + t of group g (the order of _x_planes, so x_planes @ this^T is x @ (scales*q)^T).
+    Writing the planes one after another keeps every load and store contiguous (vectorizes)."""
     N, ng, Gc = P.shape
     mask = (1 << e) - 1
-    q = torch.stack([(P >> (t * e)) & mask for t in range(c)], dim=3)  # [N, ng, G/c, c]
-    return (q.to(torch.float32) * scales[:, :, None, None]).reshape(N, ng * Gc * c)  # [N, Kp]
+    q = torch.cat([(P >> (t * e)) & mask for t in range(c)], dim=2)  # [N, ng, c*G/c]
+    return (q.to(torch.float32) * scales[:, :, None]).reshape(N, ng * Gc * c)  # [N, Kp]
 
 
 _compiled_fns = {}
@@ -212,16 +214,47 @@ def _run(fn, compiled, *args):
         return fn(*args)
 
 
-def _sq_weight(layer, compiled):
-    """scales * q as a dense f32 [out, in] (the biases are added separately)."""
+CHUNK_NUMEL = 1 << 20  # dequantize this many weights at a time (4 MB of f32: stays in L2/L3, no page faults)
+
+
+def _row_chunk(N, K):
+    """Rows per dequantized chunk: about CHUNK_NUMEL weights, preferably dividing N (one compiled shape)."""
+    target = max(1, min(N, CHUNK_NUMEL // K))
+    for nb in range(target, max(1, target // 4) - 1, -1):
+        if N % nb == 0:
+            return nb
+    return target
+
+
+def _sq_chunks(layer, compiled):
+    """Yield (row slice, scales * q as f32 [rows, Kp] in planes column order), a chunk of rows at a time."""
     e, c, G, Kp = _layout(layer)
-    w = _run(_dequant_sq, compiled, _planes(layer), layer.scales.float(), e, c)  # [N, Kp]
-    return w[:, :layer.in_features] if Kp != layer.in_features else w
+    P, scales = _planes(layer), layer.scales.float()
+    N = layer.out_features
+    nb = _row_chunk(N, Kp)
+    for i in range(0, N, nb):
+        yield slice(i, i + nb), _run(_dequant_sq, compiled, P[i:i + nb], scales[i:i + nb], e, c)  # [nb, Kp]
+
+
+def _sq_matmul(xp, layer, compiled):
+    """xp [M, Kp] (planes order) @ (scales * q)^T -> [M, out], dequantizing a chunk of rows at a time."""
+    return torch.cat([xp @ w.T for _, w in _sq_chunks(layer, compiled)], dim=1)  # [M, out]
+
+
+def _sq_matmul_t(gy, layer, compiled):
+    """gy [M, out] @ (scales * q) -> [M, in] in natural column order, accumulated chunk by chunk."""
+    e, c, G, Kp = _layout(layer)
+    M = gy.shape[0]
+    gxp = gy.new_zeros(M, Kp)  # planes order
+    for rows, w in _sq_chunks(layer, compiled):
+        gxp.addmm_(gy[:, rows], w)
+    gx = gxp.view(M, Kp // G, c, G // c).transpose(2, 3).reshape(M, Kp)  # back to natural order
+    return gx[:, :layer.in_features]
 
 
 def _grad_input(gy, layer, compiled):
     """grad_x = grad_y @ w~ = grad_y @ (scales*q) + (grad_y @ biases) spread over each group."""
-    gx = gy @ _sq_weight(layer, compiled)  # [M, in]
+    gx = _sq_matmul_t(gy, layer, compiled)  # [M, in]
     gb = gy @ layer.biases.float()  # [M, n_groups]
     widths = group_widths(layer.in_features, layer.group_size, device=gy.device, dtype=torch.long)
     return gx + gb.repeat_interleave(widths, dim=1)
@@ -234,14 +267,14 @@ class _GroupedScaleMatmul(torch.autograd.Function):
     def forward(ctx, x2, layer, compiled):
         ctx.layer, ctx.compiled = layer, compiled
         e, c, G, Kp = _layout(layer)
-        if x2.shape[0] <= GEMV_MAX_M:
-            xp = _x_planes(x2, c, G, Kp)  # [M, ng, c, G/c]
+        xp = _x_planes(x2, c, G, Kp)  # [M, ng, c, G/c]
+        if x2.shape[0] <= GEMV_MAX_M:  # decode: one fused pass over the packed codes
             return _run(_gemv, compiled, xp, _planes(layer), layer.scales.float(), e, c)
-        return x2 @ _sq_weight(layer, compiled).T  # [M, out]
+        return _sq_matmul(xp.view(x2.shape[0], Kp), layer, compiled)  # [M, out]
 
     @staticmethod
     def backward(ctx, gy):
-        return gy @ _sq_weight(ctx.layer, ctx.compiled), None, None
+        return _sq_matmul_t(gy.contiguous(), ctx.layer, ctx.compiled), None, None
 
 
 def grouped(x, layer, pooled=None, compiled=True):
