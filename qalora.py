@@ -82,40 +82,31 @@ def add_adapters(model, rank, alpha, dropout=0.0, targets=TARGETS, method="qalor
         raise UserError(f"adapter rank must be >= 1, got {rank}")
     if adapter_layers(model):
         raise UserError("the model already has adapters: merge or reload it before adding new ones")
+    found = [(n, m) for n, m in model.named_modules()
+             if n.split(".")[-1] in targets and n != "lm_head" and isinstance(m, (QuantLinear, nn.Linear))]
+    if not found:
+        raise UserError(f"no linear layer named any of {list(targets)} to adapt")
+    floats = [n for n, m in found if not isinstance(m, QuantLinear)]
+    if method == "qalora" and floats:
+        raise UserError(f"QA-LoRA adapts quantized layers but {floats[0]} ({len(floats)} in all) is float: quantize "
+                        f"the model first (quant.py) or load a Q4_1 GGUF with keep_quantized=True")
     for p in model.parameters():
         p.requires_grad_(False)
-    wrap = ADAPTERS[method]
-    found = [(n, m) for n, m in model.named_modules() if n.split(".")[-1] in targets and n != "lm_head"]
-    if method == "qalora" and not any(isinstance(m, QuantLinear) for _, m in found):
-        raise UserError("QA-LoRA adapts a quantized base: quantize the model first (quant.py) "
-                        "or load a GGUF with keep_quantized=True")
     params, capped = [], set()
     for name, mod in found:
-        if method == "qalora" and not isinstance(mod, QuantLinear):
-            raise UserError(f"{name} is {type(mod).__name__}, not QuantLinear: QA-LoRA needs every target quantized")
-        if not isinstance(mod, (QuantLinear, nn.Linear)):
-            continue
         if method == "qalora" and rank > mod.n_groups:
             capped.add(mod.n_groups)
-        adapter = wrap(mod, rank, alpha, dropout).train(model.training)  # follow the model's mode
-        dev = next(iter(mod.buffers() if isinstance(mod, QuantLinear) else mod.parameters())).device
-        for lin in (adapter.lora_A, adapter.lora_B):                 # cast the adapter only, never the base
-            lin.to(dev, _dtype_of(mod))
+        adapter = ADAPTERS[method](mod, rank, alpha, dropout).train(model.training)  # follow the model's mode
+        ref = mod.scales if isinstance(mod, QuantLinear) else mod.weight
+        for lin in (adapter.lora_A, adapter.lora_B):                 # move/cast the adapter only, never the base
+            lin.to(ref.device, torch.float64 if ref.dtype == torch.float64 else torch.float32)
         model.set_submodule(name, adapter)
         params += [adapter.lora_A.weight, adapter.lora_B.weight]
-    if not params:
-        raise UserError(f"no layer named any of {list(targets)} to adapt")
     if capped:
         warnings.warn(f"rank {rank} exceeds the pooled width {min(capped)} of some layers: "
                       f"rank(B @ A) <= n_groups, so the extra rank there is wasted")
     model.adapter_config = dict(method=method, rank=rank, alpha=alpha, dropout=dropout, targets=list(targets))
     return params
-
-
-def _dtype_of(mod):
-    """The float dtype an adapter should use: the base's scales or weight dtype (float32 at least for training)."""
-    t = mod.scales if isinstance(mod, QuantLinear) else mod.weight
-    return t.dtype if t.dtype == torch.float64 else torch.float32
 
 
 def base_fingerprint(model):
