@@ -1,0 +1,351 @@
+"""
+A small-scale replication of QA-LoRA's Tables 1 and 2 (Xu et al., arXiv 2309.14717) on the embedded
+SmolLM2-135M-Instruct, with one command:
+
+    python replicate.py --quick          # fewer steps and items: under 20 minutes on 2 CPU cores
+    python replicate.py                  # the full grid (hours on 2 cores; --resume continues it)
+
+Rows (group size 32 throughout):
+  (a) reference: the float model obtained by dequantizing the shipped Q4_1 weights;
+  (b) that model quantized to 4/3/2 bits without fine-tuning, by min-max RTN and by GPTQ;
+  (c) "QLoRA w/ GPTQ": plain LoRA trained on the GPTQ base, merged in float, requantized with GPTQ;
+  (d) QA-LoRA trained on the same GPTQ base and merged exactly into its biases.
+(c) and (d) train with train.py itself (one subprocess each, `--quant native` on the saved GPTQ base) on
+the same data (the synthetic tasks' training split + Alpaca-1k minus a held-out set), steps, learning
+rate and seed. At 4 bits the shipped weights are already on a 4-bit group-32 grid, so RTN is lossless
+and the 4-bit rows isolate what the merge costs (c) or does not cost (d).
+
+Columns: exact match on the synthetic held-out split and the held-out loss (mean cross-entropy per
+response token) on it and on held-out Alpaca records, then ARC-Easy, HellaSwag and MMLU (0-shot by
+default) on seeded/first-N subsets (eval.py's --limit rules), each accuracy with its standard error.
+Table 2 analog: trainable parameters, seconds per step (median over the run's steps) and the peak
+resident memory of the training process, LoRA vs QA-LoRA.
+
+Writes OUT/replicate.md (the tables) and OUT/replicate.json (everything behind them); OUT/rows/*.json
+hold finished rows (reused by --resume) and OUT/work/ the checkpoints and training runs. Evaluation
+scores each quantized model through its dequantized weights (eval.dequantize_for_eval: the same
+function, computed once). Deterministic given --seed on a given machine and thread count.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import eval as E
+from model import Transformer, UserError, atomic_path, embedded_model_path, run_cli
+
+ROOT = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# settings: the full grid, and --quick
+
+FULL = dict(steps=300, batch_size=8, seq_len=256, n_train=2000, n_heldout=64, alpaca_heldout=50,
+            calib_windows=128, calib_len=256, limit_arc=500, limit_hellaswag=500, limit_mmlu=500)
+QUICK = dict(steps=30, batch_size=8, seq_len=128, n_train=400, n_heldout=32, alpaca_heldout=20,
+             calib_windows=16, calib_len=256, limit_arc=40, limit_hellaswag=30, limit_mmlu=40)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--quick", action="store_true", help="fewer steps and items (the defaults in brackets below change)")
+    a("--model", default=None, help="GGUF or HF dir (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    a("--bits", default="4,3,2", help="comma-separated bit widths")
+    a("--group-size", type=int, default=32)
+    a("--steps", type=int, default=None, help=f"optimizer steps per run [{FULL['steps']}; quick {QUICK['steps']}]")
+    a("--batch-size", type=int, default=None, help=f"examples per step [{FULL['batch_size']}]")
+    a("--seq-len", type=int, default=None, help=f"training truncation [{FULL['seq_len']}; quick {QUICK['seq_len']}]")
+    a("--lr", type=float, default=1e-3)
+    a("--rank", type=int, default=16)
+    a("--alpha", type=float, default=16.0)
+    a("--dropout", type=float, default=0.05)
+    a("--n-train", type=int, default=None, help=f"synthetic training records [{FULL['n_train']}; quick {QUICK['n_train']}]")
+    a("--n-heldout", type=int, default=None, help=f"synthetic held-out records [{FULL['n_heldout']}; quick {QUICK['n_heldout']}]")
+    a("--alpaca", default=None, help="Alpaca JSON (default ../shared/data/alpaca_data_1k.json)")
+    a("--alpaca-heldout", type=int, default=None, help=f"Alpaca records held out [{FULL['alpaca_heldout']}]")
+    a("--calib", default=None, help="GPTQ calibration text (default ../shared/data/wikitext-2/valid.txt)")
+    a("--calib-windows", type=int, default=None, help=f"GPTQ calibration windows [{FULL['calib_windows']}; quick {QUICK['calib_windows']}]")
+    a("--calib-len", type=int, default=None, help=f"tokens per calibration window [{FULL['calib_len']}]")
+    a("--data-dir", default=None, help="evaluation data (default ../shared/data)")
+    a("--limit-arc", type=int, default=None, help=f"ARC-Easy items, the first N [{FULL['limit_arc']}; quick {QUICK['limit_arc']}]")
+    a("--limit-hellaswag", type=int, default=None, help=f"HellaSwag items, the first N [{FULL['limit_hellaswag']}; quick {QUICK['limit_hellaswag']}]")
+    a("--limit-mmlu", type=int, default=None, help=f"MMLU questions, a seeded sample [{FULL['limit_mmlu']}; quick {QUICK['limit_mmlu']}]")
+    a("--mmlu-shots", type=int, default=0, choices=[0, 5])
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, default=None, help="torch threads here and in the training runs (default: all cores)")
+    a("--out", default="results", help="output folder")
+    a("--resume", action="store_true", help="reuse the finished rows in --out (same settings only)")
+    a("--overwrite", action="store_true", help="replace the results in --out")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    shared = ROOT.parent / "shared" / "data"
+    args.alpaca = args.alpaca or str(shared / "alpaca_data_1k.json")
+    args.calib = args.calib or str(shared / "wikitext-2" / "valid.txt")
+    args.data_dir = args.data_dir or str(shared)
+    try:
+        args.bits = [int(b) for b in args.bits.split(",")]
+    except ValueError:
+        raise UserError(f"--bits {args.bits!r}: give comma-separated integers such as 4,3,2")
+    for b in args.bits:
+        if b not in (2, 3, 4, 8):
+            raise UserError(f"--bits: {b} is not supported; choose from 2, 3, 4, 8")
+    for k in ("steps", "batch_size", "seq_len", "n_train", "n_heldout", "alpaca_heldout", "calib_windows",
+              "calib_len", "limit_arc", "limit_hellaswag", "limit_mmlu", "rank"):
+        if getattr(args, k) < 1:
+            raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    return args
+
+
+# settings that define the results (a --resume must match them); the rest only change how it runs
+RESULT_KEYS = ("quick", "model", "bits", "group_size", "steps", "batch_size", "seq_len", "lr", "rank", "alpha",
+               "dropout", "n_train", "n_heldout", "alpaca", "alpaca_heldout", "calib", "calib_windows", "calib_len",
+               "data_dir", "limit_arc", "limit_hellaswag", "limit_mmlu", "mmlu_shots", "seed")
+
+
+def say(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+# -----------------------------------------------------------------------------
+# the data shared by every row: one training mix, two held-out sets
+
+
+def build_data(args, tok, work):
+    """Writes work/train_mix.jsonl (synthetic train + Alpaca train) and returns the held-out Examples."""
+    syn_train, syn_held = data.synthetic_splits(args.seed, args.n_train, args.n_heldout)
+    alp_train, alp_held = data.split_records(data.load_records(args.alpaca), args.alpaca_heldout, args.seed)
+    mix = work / "train_mix.jsonl"
+    with atomic_path(mix) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in syn_train + alp_train))
+    alp_held_ex, _ = data.build_examples(alp_held, tok, "alpaca", 512)  # cut only the few longest
+    say(f"data: {len(syn_train)} synthetic + {len(alp_train)} Alpaca training records -> {mix}; held out "
+        f"{len(syn_held)} synthetic, {len(alp_held_ex)} Alpaca")
+    return mix, alp_held_ex
+
+# -----------------------------------------------------------------------------
+# evaluating one model: every column of the table
+
+
+def evaluate(model, tok, args, alp_held_ex):
+    """{column: metrics} for a model without adapters (it is dequantized for speed, in place)."""
+    E.dequantize_for_eval(model)
+    model.eval()
+    r = {}
+    syn = dict(seed=args.seed, n_train=args.n_train, n_heldout=args.n_heldout)
+    r.update(E.evaluate_tasks(model, tok, ["synthetic"], args.data_dir, synthetic_kw=syn, log=say))
+    r["alpaca_loss"] = E.response_loss(model, alp_held_ex)
+    say(f"alpaca held-out loss {r['alpaca_loss']:.4f}")
+    for task, limit in (("arc_easy", args.limit_arc), ("hellaswag", args.limit_hellaswag),
+                        ("mmlu", args.limit_mmlu)):
+        r.update(E.evaluate_tasks(model, tok, [task], args.data_dir, limit=limit, mmlu_shots=args.mmlu_shots,
+                                  seed=1234 + args.seed, log=say))
+    return r
+
+# -----------------------------------------------------------------------------
+# training: train.py in a subprocess on the saved quantized base
+
+
+def train_run(args, base_dir, mix, method, bits, run_dir, log_path):
+    """Run train.py; returns (run_dir, wall seconds, peak RSS of the training process in MB)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(base_dir), "--quant", "native",
+           "--bits", str(bits), "--group-size", str(args.group_size), "--data", str(mix), "--template", "alpaca",
+           "--method", method, "--rank", str(args.rank), "--alpha", str(args.alpha), "--dropout", str(args.dropout),
+           "--lr", str(args.lr), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--max-steps", str(args.steps), "--n-heldout", "8", "--eval-every", "0", "--save-every", "0",
+           "--seed", str(args.seed), "--out", str(run_dir), "--overwrite", "--no-gguf",
+           "--threads", str(args.threads)]
+    say(f"train: {' '.join(cmd[1:])}")
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)   # this child's own resource usage (peak RSS)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = Path(log_path).read_text().strip().splitlines()[-3:]
+        raise UserError(f"train.py ({method}, {bits} bits) failed with exit code {proc.returncode}: "
+                        f"{' | '.join(tail)} (log: {log_path})")
+    rss_mb = usage.ru_maxrss / 1024 if sys.platform != "darwin" else usage.ru_maxrss / 2**20
+    return time.time() - t0, rss_mb
+
+
+def run_stats(run_dir):
+    """Trainable parameters (the saved adapter) and seconds per step (median over the run's steps)."""
+    from safetensors import safe_open
+    with safe_open(str(Path(run_dir) / "adapter" / "adapter.safetensors"), "pt") as f:
+        n_params = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+    recs = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps = [r["tokens"] / r["tokens_per_s"] for r in recs if "loss" in r and r.get("tokens_per_s")]
+    final = next((r for r in recs if r.get("final")), {})
+    return {"trainable_params": n_params, "s_per_step": statistics.median(steps), "steps": len(steps),
+            "train_seconds": final.get("train_seconds"),
+            "final_train_loss": statistics.mean(r["loss"] for r in recs if "loss" in r and r.get("step", 0) > len(steps) - 10)}
+
+# -----------------------------------------------------------------------------
+# the table
+
+
+def fmt_acc(m, key="acc"):
+    return f"{100 * m[key]:.1f} ± {100 * m[key + '_stderr']:.1f}"
+
+
+def markdown(args, rows, table2, meta):
+    shots = f"{args.mmlu_shots}-shot"
+    lines = [f"# QA-LoRA replication on {meta['model_name']} ({'--quick' if args.quick else 'full grid'})", "",
+             f"Command: `{meta['command']}`  ",
+             f"Hardware: {meta['hardware']}; torch {torch.__version__}; {args.threads} threads; "
+             f"wall time {meta['wall_seconds'] / 60:.1f} min.", "",
+             f"Group size {args.group_size}; training: {args.steps} steps × {args.batch_size} examples, lr {args.lr}, "
+             f"rank {args.rank}, alpha {args.alpha}, dropout {args.dropout}, seed {args.seed}, seq-len {args.seq_len}, "
+             f"on {meta['n_train_records']} records (synthetic train + Alpaca-1k train). GPTQ: "
+             f"{args.calib_windows} × {args.calib_len} tokens of {Path(args.calib).name}.", "",
+             f"Accuracies in % ± standard error (sqrt(p(1-p)/n)). n: synthetic {args.n_heldout}, Alpaca held-out "
+             f"{meta['n_alpaca_heldout']}, ARC-Easy first {args.limit_arc}, HellaSwag first {args.limit_hellaswag}, "
+             f"MMLU {shots} seeded sample of {args.limit_mmlu} test questions (chance = 25%).", "",
+             f"| model | bits | synthetic EM | synth loss | Alpaca loss | ARC-Easy acc | ARC-Easy acc_norm "
+             f"| HellaSwag acc_norm | MMLU {shots} |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"| {r['name']} | {r['bits'] or 'fp32'} | {fmt_acc(m['synthetic'], 'exact_match')} | "
+                     f"{m['synthetic']['loss']:.3f} | {m['alpaca_loss']:.3f} | {fmt_acc(m['arc_easy'])} | "
+                     f"{fmt_acc(m['arc_easy'], 'acc_norm')} | {fmt_acc(m['hellaswag'], 'acc_norm')} | "
+                     f"{fmt_acc(m['mmlu'])} |")
+    lines += ["", "Table 2 analog (training runs above; peak RSS is the whole train.py process):", "",
+              "| method | bits | trainable params | s/step (median) | train wall (s) | peak RSS (MB) | "
+              "unmerged synth loss | merged synth loss |", "|---|---|---|---|---|---|---|---|"]
+    for t in table2:
+        lines.append(f"| {t['method']} | {t['bits']} | {t['trainable_params']:,} | {t['s_per_step']:.2f} | "
+                     f"{t['train_seconds']} | {t['peak_rss_mb']:.0f} | {t['unmerged_synth_loss']:.4f} | "
+                     f"{t['merged_synth_loss']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+# -----------------------------------------------------------------------------
+# the grid
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t_start = time.time()
+    args.threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    work, rows_dir = out / "work", out / "rows"
+    settings = {k: getattr(args, k) for k in RESULT_KEYS}
+    cfg_path = out / "settings.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if args.resume and old != settings:
+            k = next(k for k in settings if old.get(k) != settings[k])
+            raise UserError(f"--resume: {out} was run with {k}={old.get(k)!r}, now {settings[k]!r}; "
+                            f"use the same settings or another --out")
+        if not args.resume and not args.overwrite:
+            raise UserError(f"{out} holds results: pass --resume to continue them, --overwrite to replace them, "
+                            f"or choose another --out")
+    if args.overwrite and rows_dir.is_dir():
+        import shutil
+        shutil.rmtree(rows_dir)
+    for d in (work, rows_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(json.dumps(settings, indent=2) + "\n")
+
+    import merge
+    import qalora
+    import quant
+    from tokenizer import load_tokenizer
+    path = args.model or embedded_model_path()
+    tok = load_tokenizer(path)
+    mix, alp_held_ex = build_data(args, tok, work)
+    syn_train, syn_held = data.synthetic_splits(args.seed, args.n_train, args.n_heldout)
+    syn_held_ex, _ = data.build_examples(syn_held, tok, "alpaca")
+    calib = data.calibration_windows(tok, args.calib, n=args.calib_windows, seq_len=args.calib_len, seed=args.seed)
+
+    float_model = None
+
+    def get_float():
+        nonlocal float_model
+        if float_model is None:
+            float_model = Transformer.from_pretrained(path, keep_quantized=False)  # Q4_1 dequantized
+        return float_model
+
+    def row(name, bits, key, make):
+        """Evaluate a model made by make() unless rows/<key>.json already holds it (--resume)."""
+        f = rows_dir / f"{key}.json"
+        if f.exists():
+            say(f"{name}: reusing {f}")
+            return json.loads(f.read_text())
+        say(f"== {name}")
+        t0 = time.time()
+        model, extra = make()
+        r = {"name": name, "bits": bits, "key": key, **extra, "metrics": evaluate(model, tok, args, alp_held_ex)}
+        r["seconds"] = round(time.time() - t0, 1)
+        f.write_text(json.dumps(r, indent=2) + "\n")
+        return r
+
+    rows, table2 = [], []
+    ref_name = "fp32 (dequantized Q4_1)" if str(path).endswith(".gguf") else "fp32"
+    rows.append(row(ref_name, None, "fp32", lambda: (copy.deepcopy(get_float()), {})))
+    for bits in args.bits:
+        def rtn():
+            return quant.quantize_model(copy.deepcopy(get_float()), bits, args.group_size, "rtn", progress=False), {}
+        rows.append(row(f"{bits}-bit RTN", bits, f"rtn{bits}", rtn))
+
+        base_dir = work / f"gptq{bits}"
+        if not (base_dir / "config.json").exists():
+            say(f"GPTQ {bits}-bit base -> {base_dir}")
+            t0 = time.time()
+            m = quant.quantize_model(copy.deepcopy(get_float()), bits, args.group_size, "gptq", calib=calib,
+                                     progress=False)
+            m.save_pretrained(base_dir)
+            (work / f"gptq{bits}.seconds").write_text(f"{time.time() - t0:.1f}\n")
+            del m
+        rows.append(row(f"{bits}-bit GPTQ", bits, f"gptq{bits}",
+                        lambda: (Transformer.from_pretrained(base_dir), {})))
+
+        for method, label in (("lora", "QLoRA w/ GPTQ"), ("qalora", "QA-LoRA")):
+            run_dir = work / f"{method}{bits}"
+
+            def trained(method=method, run_dir=run_dir):
+                wall, rss = train_run(args, base_dir, mix, method, bits, run_dir, work / f"{method}{bits}.log")
+                stats = dict(run_stats(run_dir), wall_seconds=round(wall, 1), peak_rss_mb=rss)
+                model = Transformer.from_pretrained(base_dir)              # the base it trained on
+                qalora.load_adapters(model, run_dir / "adapter")
+                stats["unmerged_synth_loss"] = E.response_loss(model.eval(), syn_held_ex)
+                if method == "qalora":
+                    merge.merge_adapters(model)                            # exact: new biases, same codes
+                else:
+                    merge.merge_lora_baseline(model, bits, args.group_size, "gptq", calib)  # float merge, GPTQ again
+                stats["merged_synth_loss"] = E.response_loss(model, syn_held_ex)
+                say(f"{method} {bits}-bit: held-out synthetic loss unmerged {stats['unmerged_synth_loss']:.4f}, "
+                    f"merged {stats['merged_synth_loss']:.4f}")
+                return model, {"train": stats}
+            r = row(f"{bits}-bit {label}", bits, f"{method}{bits}", trained)
+            rows.append(r)
+            table2.append({"method": "LoRA" if method == "lora" else "QA-LoRA", "bits": bits, **r["train"]})
+
+    meta = {"command": "python replicate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "hardware": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, {platform.system()}",
+            "wall_seconds": time.time() - t_start, "n_train_records": sum(1 for _ in open(mix)),
+            "n_alpaca_heldout": len(alp_held_ex), "model_name": Path(path).name}
+    result = {"settings": settings, "meta": meta, "rows": rows, "table2": table2}
+    with atomic_path(out / "replicate.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(args, rows, table2, meta)
+    with atomic_path(out / "replicate.md") as tmp:
+        tmp.write_text(md)
+    print(md)
+    say(f"wrote {out}/replicate.md and {out}/replicate.json in {meta['wall_seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    run_cli(main)
