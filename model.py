@@ -479,6 +479,7 @@ def _load_hf_dir(path: Path, dtype) -> Transformer:
         if "rotary_emb" in k:
             continue  # old checkpoints store inv_freq; we compute it
         sd[k[len("model."):] if k.startswith("model.") else k] = v
+    _check_sizes(args, sd, str(path))
     with torch.device("meta"):
         model = Transformer(args)
     quant = cfg.get("quantization")
@@ -505,6 +506,20 @@ def _swap_for_quantized(model: Transformer, quant: dict):
                     ql = QuantLinear(child.in_features, child.out_features, bits, group_size,
                                      bias=child.bias is not None)
                 setattr(mod, child_name, ql)
+
+
+def _check_sizes(args: ModelArgs, sd: dict, where: str):
+    """Compare the declared sizes with the tensors present before building anything, so a corrupt or
+    hostile config cannot make us allocate millions of layers (the detailed shape check follows later)."""
+    layers = {k.split(".")[1] for k in sd if k.startswith("layers.")}
+    if args.n_layers != len(layers):
+        raise UserError(f"{where}: the config declares {args.n_layers} layers but the weights hold {len(layers)}")
+    emb = sd.get("embed_tokens.weight")
+    if emb is None:
+        raise UserError(f"{where}: embed_tokens.weight is missing")
+    if tuple(emb.shape) != (args.vocab_size, args.dim):
+        raise UserError(f"{where}: embed_tokens.weight has shape {tuple(emb.shape)}, the config implies "
+                        f"({args.vocab_size}, {args.dim})")
 
 
 def _assign_state_dict(model: Transformer, sd: dict, dtype, where: str):
@@ -650,6 +665,12 @@ def _load_gguf_tensors(path: Path, dtype, keep_quantized: bool) -> Transformer:
         head_dim=g("attention.key_length") or (dim // n_heads if n_heads else None),
         bos_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_id=gguf_field(reader, "tokenizer.ggml.eos_token_id"))
+    layers = {n.split(".")[1] for n in tensors if n.startswith("blk.")}
+    if args.n_layers != len(layers):
+        raise UserError(f"{path}: llama.block_count is {args.n_layers} but the file holds {len(layers)} blocks")
+    if int(tensors["token_embd.weight"].shape[0]) != args.dim:
+        raise UserError(f"{path}: llama.embedding_length is {args.dim} but token_embd.weight has "
+                        f"{int(tensors['token_embd.weight'].shape[0])} columns")
     with torch.device("meta"):
         model = Transformer(args)
     sd, quantized = {}, {}
