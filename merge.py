@@ -130,13 +130,14 @@ def _gguf_tensors(model):
     return out
 
 
-def _unchanged(src_tensor, ours):
-    """Does a GGUF tensor still decode to exactly what the model holds? Then its bytes can be copied."""
+def _unchanged(src_tensor, ours, dtype):
+    """Does a GGUF tensor, loaded in the model's dtype, still equal what the model holds? Then its
+    bytes are copied (the Q8_0 embedding stays Q8_0, even for a model run in bfloat16)."""
     from gguf import GGMLQuantizationType as QT, quants
     if src_tensor.tensor_type == QT.Q4_1 or ours[1] is not None:
         return False  # quantized linears are re-encoded (codes and d come out identical, m changed)
-    src = np.asarray(quants.dequantize(src_tensor.data, src_tensor.tensor_type), dtype=np.float32)
-    return src.shape == ours[0].shape and np.array_equal(src, ours[0])
+    src = torch.from_numpy(np.asarray(quants.dequantize(src_tensor.data, src_tensor.tensor_type), np.float32))
+    return tuple(src.shape) == ours[0].shape and np.array_equal(src.to(dtype).float().numpy(), ours[0])
 
 
 def _float_source_metadata(writer, model):
@@ -195,10 +196,11 @@ def export_gguf(model, path):
                     continue
                 sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
                 writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-            names = [t.name for t in src.tensors] + [n for n in ours if n not in {t.name for t in src.tensors}]
             src_t = {t.name: t for t in src.tensors}
+            names = list(src_t) + [n for n in ours if n not in src_t]          # the source's tensor order
+            dtype = model.embed_tokens.weight.dtype
             for n in names:
-                if n in src_t and (n not in ours or _unchanged(src_t[n], ours[n])):
+                if n in src_t and (n not in ours or _unchanged(src_t[n], ours[n], dtype)):
                     t = src_t[n]
                     writer.add_tensor(n, t.data, raw_dtype=t.tensor_type)  # the source's bytes
                 else:

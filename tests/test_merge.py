@@ -204,6 +204,18 @@ def test_gguf_round_trip(tiny_args, tmp_path, group_size, tie, capsys):
         assert rel_err(reloaded(ids), model(ids)) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_reexport_without_changes_is_byte_identical(tiny_args, tmp_path, dtype):
+    """GGUF -> load (codes kept, any dtype) -> export: every tensor's bytes come back unchanged."""
+    from gguf import GGUFReader
+    first = export_gguf(merged_model(tiny_args, 4, 32), tmp_path / "a.gguf")
+    second = export_gguf(Transformer.from_pretrained(first, dtype=dtype, keep_quantized=True), tmp_path / "b.gguf")
+    a, b = GGUFReader(str(first)), GGUFReader(str(second))
+    assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors):
+        assert x.data.tobytes() == y.data.tobytes(), x.name
+
+
 def test_gguf_refuses_what_q4_1_cannot_hold(tiny_args, tmp_path):
     with pytest.raises(UserError, match="group_size=16"):
         export_gguf(merged_model(tiny_args, 4, 16), tmp_path / "a.gguf")
