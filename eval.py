@@ -61,16 +61,23 @@ def perplexity(model, ids, seq_len=256, max_windows=None, batch_size=4):
 # multiple choice and exact match (lm-eval-harness conventions)
 #
 # A multiple-choice item is a context and n continuations; the model picks the
-# continuation with the largest summed log-likelihood log p(continuation | context)
-# ("acc"), or the largest log-likelihood per character of the continuation
-# ("acc_norm", lm-eval-harness's length normalization, reported for ARC and
-# HellaSwag). Every accuracy comes with its standard error sqrt(p (1 - p) / n).
+# continuation with the largest summed log-likelihood log p(delimiter + choice | context)
+# ("acc"), or the largest log-likelihood per character of the choice ("acc_norm",
+# lm-eval-harness's length normalization: len(choice), the delimiter not counted;
+# reported for ARC and HellaSwag). Every accuracy comes with its standard error
+# sqrt(p (1 - p) / n).
 
 @dataclass
 class MCItem:
-    context: str        # ends where the answer starts, e.g. "...\nAnswer:"
-    choices: list       # continuations, each with its leading space: [" A", " B", ...]
-    gold: int           # index of the right choice
+    context: str           # ends where the answer starts, e.g. "...\nAnswer:"
+    choices: list          # the answers as text: ["A", "B", ...] or ["cellular telephone", ...]
+    gold: int              # index of the right choice
+    delimiter: str = " "   # what joins context and choice (lm-eval-harness's target_delimiter)
+
+    @property
+    def continuations(self):
+        """What is scored after the context: [" A", " B", ...]."""
+        return [self.delimiter + c for c in self.choices]
 
 
 def encode_pair(tok, context, continuation):
@@ -234,7 +241,7 @@ def score_mc(items, lls):
     for it in items:
         ll = lls[k:k + len(it.choices)]
         k += len(it.choices)
-        norm = [v / max(1, len(c)) for v, c in zip(ll, it.choices)]   # per character, as lm-eval-harness
+        norm = [v / max(1, len(c)) for v, c in zip(ll, it.choices)]   # per character of the choice
         hit += max(range(len(ll)), key=lambda i: (ll[i], -i)) == it.gold
         hit_norm += max(range(len(norm)), key=lambda i: (norm[i], -i)) == it.gold
     assert k == len(lls), f"{len(lls)} log-likelihoods for {k} choices"
@@ -245,7 +252,7 @@ def score_mc(items, lls):
 
 def evaluate_mc(model, tok, items, batch_size=16):
     """Score multiple-choice items with the model: score_mc over every choice's log-likelihood."""
-    pairs = [(it.context, c) for it in items for c in it.choices]
+    pairs = [(it.context, c) for it in items for c in it.continuations]
     lls = [ll for ll, _ in loglikelihood(model, tok, pairs, batch_size)]
     return score_mc(items, lls)
 
@@ -270,13 +277,13 @@ def _read_jsonl(path):
 
 def arc_items(path):
     """ARC jsonl ({question: {stem, choices: [{text, label}]}, answerKey}) -> MCItems, lm-eval-harness's
-    arc_easy/arc_challenge prompt: "Question: {stem}\\nAnswer:" and choices " {text}"."""
+    arc_easy/arc_challenge prompt: "Question: {stem}\\nAnswer:", continuations " {text}"."""
     items = []
     for i, d in enumerate(_read_jsonl(path)):
         try:
             q = d["question"]
             labels = [c["label"] for c in q["choices"]]
-            items.append(MCItem(f"Question: {q['stem']}\nAnswer:", [" " + c["text"] for c in q["choices"]],
+            items.append(MCItem(f"Question: {q['stem']}\nAnswer:", [c["text"] for c in q["choices"]],
                                 labels.index(d["answerKey"])))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path} item {i + 1}: not an ARC record ({type(e).__name__}: {e})")
@@ -294,13 +301,13 @@ def hellaswag_preprocess(text):
 
 def hellaswag_items(path):
     """HellaSwag jsonl -> MCItems as lm-eval-harness: context = preprocess(activity_label + ": " + ctx_a +
-    " " + ctx_b.capitalize()), choices " " + preprocess(ending)."""
+    " " + ctx_b.capitalize()), continuations " " + preprocess(ending)."""
     items = []
     for i, d in enumerate(_read_jsonl(path)):
         try:
             ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
             items.append(MCItem(hellaswag_preprocess(d["activity_label"] + ": " + ctx),
-                                [" " + hellaswag_preprocess(e) for e in d["endings"]], int(d["label"])))
+                                [hellaswag_preprocess(e) for e in d["endings"]], int(d["label"])))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path} item {i + 1}: not a HellaSwag record ({type(e).__name__}: {e})")
     return items
@@ -346,14 +353,14 @@ def mmlu_subjects(mmlu_dir, split="test"):
 
 def mmlu_items(mmlu_dir, shots=0, split="test", subjects=None):
     """MCItems (with .subject set) for every question of `split`; the k shots are the first k dev rows of
-    the same subject, as in the original evaluation. Choices: " A", " B", " C", " D"."""
+    the same subject, as in the original evaluation. Continuations: " A", " B", " C", " D"."""
     items = []
     for subject in subjects or mmlu_subjects(mmlu_dir, split):
         dev = mmlu_rows(Path(mmlu_dir) / "dev" / f"{subject}_dev.csv")[:shots] if shots else []
         if len(dev) < shots:
             raise UserError(f"{subject}: {shots} shots asked, its dev split has {len(dev)} questions")
         for row in mmlu_rows(Path(mmlu_dir) / split / f"{subject}_{split}.csv"):
-            it = MCItem(mmlu_prompt(subject, row, dev), [" " + l for l in MMLU_LETTERS], MMLU_LETTERS.index(row[5]))
+            it = MCItem(mmlu_prompt(subject, row, dev), list(MMLU_LETTERS), MMLU_LETTERS.index(row[5]))
             it.subject = subject
             items.append(it)
     return items
@@ -433,7 +440,7 @@ def evaluate_tasks(model, tok, tasks, data_dir=None, limit=None, mmlu_shots=0, m
             r = synthetic_eval(model, tok, limit=limit, batch_size=batch_size, **(synthetic_kw or {}))
         else:
             items = task_items(task, data_dir, limit, mmlu_shots, mmlu_split, seed)
-            pairs = [(it.context, c) for it in items for c in it.choices]
+            pairs = [(it.context, c) for it in items for c in it.continuations]
             lls = [ll for ll, _ in loglikelihood(model, tok, pairs, batch_size)]
             r = score_mc(items, lls)
             if task == "mmlu":

@@ -48,10 +48,10 @@ ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
 # settings: the full grid, and --quick
 
-FULL = dict(steps=300, batch_size=8, seq_len=256, n_train=2000, n_heldout=64, alpaca_heldout=50,
+FULL = dict(steps=200, batch_size=8, seq_len=256, n_train=2000, n_heldout=64, alpaca_heldout=50,
             calib_windows=128, calib_len=256, limit_arc=500, limit_hellaswag=500, limit_mmlu=500)
-QUICK = dict(steps=30, batch_size=8, seq_len=128, n_train=400, n_heldout=32, alpaca_heldout=20,
-             calib_windows=16, calib_len=256, limit_arc=40, limit_hellaswag=30, limit_mmlu=40)
+QUICK = dict(steps=16, batch_size=4, seq_len=128, n_train=400, n_heldout=24, alpaca_heldout=12,
+             calib_windows=8, calib_len=256, limit_arc=24, limit_hellaswag=16, limit_mmlu=24)
 
 
 def get_args(argv=None):

@@ -13,20 +13,23 @@ import eval as E
 
 
 def test_score_mc_three_choices_by_hand():
-    # choices' character lengths 2, 5, 3; log-likelihoods -3, -4, -2.5
+    # choices' character lengths 1, 4, 2 (the delimiter " " is not counted, as lm-eval-harness);
+    # log-likelihoods of " a", " bbbb", " cc": -3, -4, -2.5
     # acc:      argmax(-3, -4, -2.5) = 2            -> wrong (gold 1)
-    # acc_norm: argmax(-1.5, -0.8, -0.8333) = 1     -> right
-    item = E.MCItem("Q:", [" a", " bbbb", " cc"], gold=1)
+    # acc_norm: argmax(-3, -1, -1.25) = 1           -> right
+    item = E.MCItem("Q:", ["a", "bbbb", "cc"], gold=1)
+    assert item.continuations == [" a", " bbbb", " cc"]
     r = E.score_mc([item], [-3.0, -4.0, -2.5])
     assert (r["acc"], r["acc_norm"], r["n"]) == (0.0, 1.0, 1)
     assert r["acc_stderr"] == 0.0 and r["acc_norm_stderr"] == 0.0
 
 
 def test_score_mc_accuracy_and_stderr_by_hand():
-    items = [E.MCItem("Q:", [" a", " bbbb", " cc"], 1),        # acc wrong, acc_norm right (above)
-             E.MCItem("Q:", [" x", " y", " z"], 0),            # both right: -1 > -2 > -3
-             E.MCItem("Q:", [" xx", " y", " z"], 2),           # both right: -0.5 is the best either way
-             E.MCItem("Q:", [" x", " yyyyyyy", " z"], 0)]      # both wrong: -2 (len 2) vs -1 (len 2) vs -7 (len 8)
+    items = [E.MCItem("Q:", ["a", "bbbb", "cc"], 1),          # acc wrong, acc_norm right (above)
+             E.MCItem("Q:", ["x", "y", "z"], 0),               # both right: -1 > -2 > -3
+             E.MCItem("Q:", ["xx", "y", "z"], 2),              # both right: -0.5 is the best either way
+             E.MCItem("Q:", ["x", "yyyyyyy", "z"], 0)]         # both wrong: acc picks z (-1), acc_norm
+    # sees -2, -1, -1 per character and the tie goes to the first of the two: yyyyyyy
     lls = [-3.0, -4.0, -2.5, -1.0, -2.0, -3.0, -3.0, -2.0, -0.5, -2.0, -7.0, -1.0]
     r = E.score_mc(items, lls)
     assert r["acc"] == 0.5 and r["acc_norm"] == 0.75 and r["n"] == 4
@@ -36,7 +39,7 @@ def test_score_mc_accuracy_and_stderr_by_hand():
 
 
 def test_score_mc_ties_go_to_the_first_choice():
-    r = E.score_mc([E.MCItem("Q:", [" a", " b", " c"], 0)], [-1.0, -1.0, -1.0])
+    r = E.score_mc([E.MCItem("Q:", ["a", "b", "c"], 0)], [-1.0, -1.0, -1.0])
     assert r["acc"] == 1.0 and r["acc_norm"] == 1.0
 
 
@@ -49,11 +52,11 @@ def test_evaluate_mc_with_known_loglikelihoods(monkeypatch):
         asked.extend(pairs)
         return [(table[p], False) for p in pairs]
     monkeypatch.setattr(E, "loglikelihood", fake)
-    item = E.MCItem("Q: 1+1\nAnswer:", [" 2", " 3", " eleven"], gold=0)
+    item = E.MCItem("Q: 1+1\nAnswer:", ["2", "3", "eleven"], gold=0)
     r = E.evaluate_mc(None, None, [item])
-    assert asked == [(item.context, c) for c in item.choices]
+    assert asked == [(item.context, " 2"), (item.context, " 3"), (item.context, " eleven")]
     assert r["acc"] == 1.0                      # -0.5 is the largest
-    assert r["acc_norm"] == 0.0                 # per character: -0.25, -1.0, -0.1429 -> " eleven"
+    assert r["acc_norm"] == 0.0                 # per character: -0.5, -2.0, -0.1667 -> "eleven"
 
 
 def test_subset_first_n_and_seeded_sample():
@@ -90,7 +93,7 @@ def test_mmlu_prompt_real_subject_0_and_5_shot(shared_dir):
     items0 = E.mmlu_items(shared_dir / "data" / "mmlu", shots=0, subjects=["abstract_algebra"])
     assert len(items0) == 100
     assert items0[0].context == HEAD + ALGEBRA_Q0
-    assert items0[0].choices == [" A", " B", " C", " D"] and items0[0].gold == 1 and items0[0].subject == "abstract_algebra"
+    assert items0[0].continuations == [" A", " B", " C", " D"] and items0[0].gold == 1 and items0[0].subject == "abstract_algebra"
     items5 = E.mmlu_items(shared_dir / "data" / "mmlu", shots=5, subjects=["abstract_algebra"])
     assert items5[0].context == HEAD + (
         "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: B\n\n"
@@ -119,7 +122,7 @@ def test_arc_first_item(shared_dir):
     it = E.arc_items(shared_dir / "data" / "arc_easy_dev.jsonl")
     assert len(it) == 570
     assert it[0].context == "Question: Which technology was developed most recently?\nAnswer:"
-    assert it[0].choices == [" cellular telephone", " television", " refrigerator", " airplane"]
+    assert it[0].choices == ["cellular telephone", "television", "refrigerator", "airplane"]
     assert it[0].gold == 0
     assert len(E.arc_items(shared_dir / "data" / "arc_challenge_dev.jsonl")) == 299
 
@@ -129,7 +132,7 @@ def test_hellaswag_first_item_and_preprocessing(shared_dir):
     assert len(it) == 1000
     assert it[0].context == ("Pole vault: Pole vault is a sport where you run with a pole and stop and swing "
                              "your body. A few women")
-    assert it[0].choices[0] == " go down a rock and stop." and len(it[0].choices) == 4 and it[0].gold == 3
+    assert it[0].continuations[0] == " go down a rock and stop." and len(it[0].choices) == 4 and it[0].gold == 3
     assert E.hellaswag_preprocess(" How to cook [title] Boil water. [step] Add  salt ") == "How to cook. Boil water. Add salt"
 
 
@@ -183,7 +186,7 @@ def test_shared_context_path_matches_rows_on_real_items(stories, shared_dir):
     """ARC-style items (one context, four multi-token choices, ragged lengths) through both paths."""
     model, tok = stories
     items = E.arc_items(shared_dir / "data" / "arc_easy_dev.jsonl")[:5]
-    reqs = [E.encode_pair(tok, it.context, c) for it in items for c in it.choices]
+    reqs = [E.encode_pair(tok, it.context, c) for it in items for c in it.continuations]
     rows = E.loglikelihood_tokens(model, reqs, impl="rows")
     shared = E.loglikelihood_tokens(model, reqs, batch_size=6, impl="shared")
     for (a, ga), (b, gb) in zip(rows, shared):
