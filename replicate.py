@@ -11,9 +11,11 @@ Rows (group size 32 throughout):
   (c) "QLoRA w/ GPTQ": plain LoRA trained on the GPTQ base, merged in float, requantized with GPTQ;
   (d) QA-LoRA trained on the same GPTQ base and merged exactly into its biases.
 (c) and (d) train with train.py itself (one subprocess each, `--quant native` on the saved GPTQ base) on
-the same data (the synthetic tasks' training split + Alpaca-1k minus a held-out set), steps, learning
-rate and seed. At 4 bits the shipped weights are already on a 4-bit group-32 grid, so RTN is lossless
-and the 4-bit rows isolate what the merge costs (c) or does not cost (d).
+the same data (the synthetic tasks' training split + Alpaca-1k minus a held-out set, as one JSONL file of
+which train.py keeps 8 records aside for its own loss log), steps, learning rate and seed; replicate.py
+then merges (c) in float and requantizes it with GPTQ on the same calibration windows as the base.
+At 4 bits the shipped weights are already on a 4-bit group-32 grid, so RTN is lossless and the 4-bit
+rows isolate what the merge costs (c) or does not cost (d).
 
 Columns: exact match on the synthetic held-out split and the held-out loss (mean cross-entropy per
 response token) on it and on held-out Alpaca records, then ARC-Easy, HellaSwag and MMLU (0-shot by
@@ -21,8 +23,9 @@ default) on seeded/first-N subsets (eval.py's --limit rules), each accuracy with
 Table 2 analog: trainable parameters, seconds per step (median over the run's steps) and the peak
 resident memory of the training process, LoRA vs QA-LoRA.
 
-Writes OUT/replicate.md (the tables) and OUT/replicate.json (everything behind them); OUT/rows/*.json
-hold finished rows (reused by --resume) and OUT/work/ the checkpoints and training runs. Evaluation
+Writes OUT/replicate.md (the tables) and OUT/replicate.json (everything behind them), OUT being
+results/quick or results/full unless --out; OUT/rows/*.json hold finished rows (reused by --resume)
+and OUT/work/ the checkpoints and training runs (large; not for git). Evaluation
 scores each quantized model through its dequantized weights (eval.dequantize_for_eval: the same
 function, computed once). Deterministic given --seed on a given machine and thread count.
 """
@@ -82,7 +85,7 @@ def get_args(argv=None):
     a("--mmlu-shots", type=int, default=0, choices=[0, 5])
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=None, help="torch threads here and in the training runs (default: all cores)")
-    a("--out", default="results", help="output folder")
+    a("--out", default=None, help="output folder (default results/quick or results/full)")
     a("--resume", action="store_true", help="reuse the finished rows in --out (same settings only)")
     a("--overwrite", action="store_true", help="replace the results in --out")
     args = p.parse_args(argv)
@@ -94,6 +97,7 @@ def get_args(argv=None):
     args.alpaca = args.alpaca or str(shared / "alpaca_data_1k.json")
     args.calib = args.calib or str(shared / "wikitext-2" / "valid.txt")
     args.data_dir = args.data_dir or str(shared)
+    args.out = args.out or str(ROOT / "results" / ("quick" if args.quick else "full"))
     try:
         args.bits = [int(b) for b in args.bits.split(",")]
     except ValueError:
