@@ -184,7 +184,7 @@ def _cholesky_inverse_upper(H, damp):
     H = H.clone()
     diag = torch.arange(H.shape[0])
     base = H.diagonal().mean()
-    for attempt in range(6):
+    for attempt in range(5):
         Hd = H.clone()
         Hd[diag, diag] += damp * base
         L, info = torch.linalg.cholesky_ex(Hd)
@@ -192,8 +192,9 @@ def _cholesky_inverse_upper(H, damp):
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0:
                 return U
-        print(f"warning: gptq: Hessian not positive definite with damp={damp:g}; retrying with damp={damp * 10:g}",
-              file=sys.stderr)
+        if attempt < 4:
+            print(f"warning: gptq: Hessian not positive definite with damp={damp:g}; "
+                  f"retrying with damp={damp * 10:g}", file=sys.stderr)
         damp *= 10
     raise _error("gptq: Hessian is not positive definite even with heavy dampening; check the calibration data")
 
@@ -305,6 +306,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
+    @torch.no_grad()
     def from_codes(cls, q, scales, biases, bits, group_size, bias=None):
         out_features, in_features = q.shape
         layer = cls(in_features, out_features, bits, group_size, bias=bias is not None)
