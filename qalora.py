@@ -168,11 +168,14 @@ def load_adapters(model, adapter_dir):
     if not adapter_layers(model):
         add_adapters(model, cfg["rank"], cfg["alpha"], cfg["dropout"], tuple(cfg["targets"]), cfg["method"])
     have = model.adapter_config
-    for key in ("method", "rank"):
+    for key in ("method", "rank", "alpha"):
         if have[key] != cfg[key]:
             raise UserError(f"{adapter_dir} holds a {key}={cfg[key]!r} adapter but the model's adapters have "
                             f"{key}={have[key]!r}: load it onto a model without adapters")
-    if base_fingerprint(model) != cfg["fingerprint"] or [n for n, _ in adapter_layers(model)] != cfg["layers"]:
+    if [n for n, _ in adapter_layers(model)] != cfg["layers"]:
+        raise UserError(f"{adapter_dir} adapts other layers ({len(cfg['layers'])}, first {cfg['layers'][0]}) than "
+                        f"the model has ({len(adapter_layers(model))}): check the targets and the base model")
+    if base_fingerprint(model) != cfg["fingerprint"]:
         bits, gs = _quant_meta(model)
         raise UserError(f"{adapter_dir} was trained on another base model (fingerprint mismatch; adapter: "
                         f"bits={cfg['bits']} group_size={cfg['group_size']}, model: bits={bits} group_size={gs}); "
