@@ -81,8 +81,8 @@ def _heads(model, name):
 # ----------------------------------------------------------------------------------------------------
 # GGUF (llama.cpp). Q4_1 block of 32 weights = 20 bytes: f16 d, f16 m, 16 bytes qs with weight j in
 # the low nibble of qs[j] and weight j+16 in its high nibble; w = d * q + m. A group of 64 or 128 is
-# written as 2 or 4 blocks repeating its (d, m). Rounding d and m to f16 is the export's only loss
-# (none for a model that came from a Q4_1 file: its scales/codes are the file's, only m moves).
+# written as 2 or 4 blocks repeating its (d, m). Rounding d and m to f16 is the export's only loss;
+# for a model loaded from a Q4_1 file d is already the file's f16, so only the merged m is rounded.
 
 def q4_1_blocks(layer):
     """QuantLinear (4-bit, groups of multiples of 32) -> Q4_1 rows, uint8 [out, in/32 * 20]."""
