@@ -277,14 +277,31 @@ class _GroupedScaleMatmul(torch.autograd.Function):
         return _sq_matmul_t(gy.contiguous(), ctx.layer, ctx.compiled), None, None
 
 
+def _decode_step(x2, P, scales, biases, bias, e: int, c: int, G: int, Kp: int):
+    """The whole small-M forward as one graph (no autograd): y = gemv + group sums @ biases^T (+ bias).
+    The group sums come from the padded input planes (padding is zero), so short groups need nothing."""
+    xp = _x_planes(x2, c, G, Kp)  # [M, ng, c, G/c]
+    y = _gemv(xp, P, scales, e, c) + xp.sum(dim=(2, 3)) @ biases.T  # [M, out]
+    return y + bias if bias is not None else y
+
+
 def grouped(x, layer, pooled=None, compiled=True):
     """The grouped formulation (the "compiled" impl; compiled=False runs the same code eagerly)."""
     K = layer.in_features
     x2 = x.reshape(-1, K).float()  # [M, in]
+    if x2.shape[0] <= GEMV_MAX_M and not (torch.is_grad_enabled() and x2.requires_grad):
+        # decode: one fused call keeps the per-layer overhead small (the pool is recomputed in-kernel)
+        e, c, G, Kp = _layout(layer)
+        bias = layer.bias.float() if layer.bias is not None else None
+        y = _run(_decode_step, compiled, x2, _planes(layer), layer.scales.float(), layer.biases.float(), bias,
+                 e, c, G, Kp)
+        return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
     y = _GroupedScaleMatmul.apply(x2, layer, compiled)  # [M, out]: sum_g scales_g * x_g @ q_g^T
     if pooled is None:
         pooled = pool_groups(x2, layer.group_size)  # [M, ng]
-    sums = pooled.reshape(-1, layer.n_groups).float() * group_widths(K, layer.group_size, device=x.device)
+    widths = _cached(layer, "widths", (layer.scales,),
+                     lambda: group_widths(K, layer.group_size, device=x.device))  # [ng]
+    sums = pooled.reshape(-1, layer.n_groups).float() * widths
     y = y + sums @ layer.biases.float().T  # + sum_g biases_g * sum(x_g)
     if layer.bias is not None:
         y = y + layer.bias.float()
@@ -385,5 +402,78 @@ def qmatmul(x, layer, impl="auto", pooled=None):
     raise ValueError(f"qmatmul: unknown impl {impl!r}; use one of {IMPLS}")
 
 
+# -----------------------------------------------------------------------------
+# triton: dequantize a tile in registers, then tl.dot (CUDA; tested on CPU under TRITON_INTERPRET=1)
+#
+# The usual int4 GEMM shape (AutoGPTQ/GPTQ-triton, gpt-fast's tinygemm in spirit): each program owns a
+# BLOCK_M x BLOCK_N tile of y and walks K in BLOCK_K steps, loading the packed codes of a
+# [BLOCK_N, BLOCK_K] tile once (e bits per code, c = 8/e codes per byte, the planes layout above, so
+# the codes of 2/4/8-bit layers are read straight from layer.qweight), unpacking with shift-and-mask,
+# applying w = scales * q + biases per (row, group) and accumulating x_tile @ w_tile^T in fp32.
+# What to expect on a GPU (not measured here: no GPU on this machine): for prefill/training (M >= 64)
+# compute-bound like a bf16 GEMM plus the unpack; for decode (M = 1) memory-bound, reading bits/8 bytes
+# per weight + 8 bytes per (row, group), i.e. ~4x less traffic than fp16 at 4 bits/group 128;
+# BLOCK_M = 16 is the smallest tile tl.dot accepts, so M = 1 wastes tensor-core work (not bandwidth).
+# A split-K GEMV would do better at M = 1 on big GPUs; it is left out to keep one readable kernel.
+
+if triton is not None:
+    @triton.jit
+    def _triton_qmm_kernel(x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, M, N, K, n_groups, G, Pw,
+                           E: tl.constexpr, C: tl.constexpr, FP32: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        mask_m, mask_n = offs_m < M, offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK] input columns (planes order is not needed here)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)  # [BM, BK]
+            # column k of group g lives in byte g*G/C + (k % G) // C at shift ((k % G) % C) * E
+            g = offs_k // G
+            kin = offs_k % G
+            byte = g * (G // C) + kin // C
+            packed = tl.load(p_ptr + offs_n[:, None] * Pw + byte[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                             other=0)  # [BN, BK] uint8
+            q = (packed.to(tl.int32) >> ((kin % C) * E)[None, :]) & ((1 << E) - 1)
+            sb = offs_n[:, None] * n_groups + g[None, :]
+            sc = tl.load(s_ptr + sb, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            bi = tl.load(b_ptr + sb, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            w = q.to(tl.float32) * sc + bi  # [BN, BK] dequantized in registers
+            if FP32:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+class _TritonMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, layer):
+        ctx.layer = layer
+        e, c, G, Kp = _layout(layer)
+        P = _planes(layer).reshape(layer.out_features, -1)  # [N, Kp / c] bytes
+        M, K = x2.shape
+        N = layer.out_features
+        y = torch.empty(M, N, device=x2.device, dtype=torch.float32)
+        BM, BN, BK = 16, 64, 32
+        grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+        _triton_qmm_kernel[grid](x2.contiguous(), P, layer.scales.float().contiguous(), layer.biases.float().contiguous(),
+                                 y, M, N, K, layer.n_groups, G, P.shape[1], E=e, C=c,
+                                 FP32=x2.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+        return y.to(x2.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return _grad_input(gy.float(), ctx.layer, compiled=gy.is_cuda).to(gy.dtype), None
+
+
 def triton_qmatmul(x, layer):
-    raise NotImplementedError("kernels: the triton path is not written yet")
+    assert triton is not None, "qmatmul: impl='triton' needs triton (pip install triton); use impl='auto'"
+    x2 = x.reshape(-1, layer.in_features)
+    y = _TritonMatmul.apply(x2, layer)
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], layer.out_features)

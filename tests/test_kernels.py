@@ -88,6 +88,9 @@ def test_grouped_equals_reference(bits, shape):
         y_ref, g_ref = value_and_grad("reference", x, layer)
         y, g = value_and_grad("eager", x, layer)
         assert y.shape == (*lead, shape[0])
+        with torch.no_grad():  # inference takes the fused small-M path
+            y_ng = kernels.qmatmul(x, layer, impl="eager")
+        assert rel(y_ng, y_ref) < 1e-5, (bits, shape, lead, rel(y_ng, y_ref))
         assert rel(y, y_ref) < 1e-5, (bits, shape, lead, rel(y, y_ref))
         assert rel(g, g_ref) < 1e-5, (bits, shape, lead, rel(g, g_ref))
 
@@ -137,7 +140,10 @@ def _check_impl(impl, bits, shape, leads=((1,), (5,), (2, 3))):
         x = torch.randn(*lead, shape[1])
         y_ref, g_ref = value_and_grad("reference", x, layer)
         y, g = value_and_grad(impl, x, layer)
+        with torch.no_grad():
+            y_ng = kernels.qmatmul(x, layer, impl=impl)
         assert rel(y, y_ref) < 1e-4, (impl, bits, shape, lead, rel(y, y_ref))
+        assert rel(y_ng, y_ref) < 1e-4, (impl, bits, shape, lead, rel(y_ng, y_ref))
         assert rel(g, g_ref) < 1e-4, (impl, bits, shape, lead, rel(g, g_ref))
 
 
@@ -240,12 +246,18 @@ def test_triton_interpreted_equals_reference():
     code = (
         "import torch, kernels, sys; sys.path.insert(0, 'tests'); from test_kernels import make_layer, rel\n"
         "torch.manual_seed(0)\n"
-        "for bits, shape in [(4, (32, 64, 32)), (2, (16, 64, 32)), (8, (16, 64, 32)), (4, (16, 72, 32)), (3, (16, 64, 32))]:\n"
+        "for bits, shape in [(4, (32, 64, 32)), (2, (16, 64, 32)), (8, (16, 64, 32)), (4, (16, 72, 32)), (3, (16, 64, 32)),\n"
+        "                   (3, (24, 100, 6)), (4, (16, 64, -1))]:\n"
         "    layer = make_layer(*shape, bits)\n"
         "    for m in (1, 3):\n"
         "        x = torch.randn(m, shape[1])\n"
         "        e = rel(kernels.qmatmul(x, layer, impl='triton'), kernels.qmatmul(x, layer, impl='reference'))\n"
         "        assert e < 1e-4, (bits, shape, m, e)\n"
+        "x = torch.randn(2, 3, 64, requires_grad=True)\n"
+        "layer = make_layer(16, 64, 32, 4)\n"
+        "(gt,) = torch.autograd.grad(kernels.qmatmul(x, layer, impl='triton').pow(2).sum(), x)\n"
+        "(gr,) = torch.autograd.grad(kernels.qmatmul(x, layer, impl='reference').pow(2).sum(), x)\n"
+        "assert rel(gt, gr) < 1e-4, rel(gt, gr)\n"
         "print('ok')\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
