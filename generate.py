@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from model import Transformer, UserError, embedded_model_path, run_cli
+from model import ArgumentParser, Transformer, UserError, embedded_model_path, run_cli
 
 
 @torch.no_grad()
@@ -112,7 +112,7 @@ def weight_bytes(model) -> int:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF LLaMA dir, .gguf file or project checkpoint "
                    "(default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
     p.add_argument("--adapter", default=None, help="adapter directory written by train.py/save_adapters")

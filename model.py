@@ -13,6 +13,7 @@ pairs; GGUF files store q/k rows in Meta's interleaved order and are permuted ba
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -53,6 +54,14 @@ def run_cli(main):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(rc or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one 'error: ...' line on stderr (exit 2), like every other bad input."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 @contextmanager
