@@ -163,6 +163,7 @@ def _gemv(xp, P, scales, e: int, c: int):
     """sum_g scales_g * (x_g @ q_g^T) for few rows. xp [M, ng, c, G/c] f32, P [N, ng, G/c] uint8,
     scales [N, ng] -> [M, N]. Loop order n-outer, m-inner so each row of codes is read once."""
     mask = (1 << e) - 1
+    P = P.to(torch.int32)  # widen once: shifts and masks on 32-bit lanes vectorize (~2x faster than on bytes)
     acc = None
     for t in range(c):
         q_t = ((P >> (t * e)) & mask).to(torch.float32).unsqueeze(1)  # [N, 1, ng, G/c]
@@ -177,6 +178,7 @@ def _dequant_sq(P, scales, e: int, c: int):
     Writing the planes one after another keeps every load and store contiguous (vectorizes)."""
     N, ng, Gc = P.shape
     mask = (1 << e) - 1
+    P = P.to(torch.int32)
     q = torch.cat([(P >> (t * e)) & mask for t in range(c)], dim=2)  # [N, ng, c*G/c]
     return (q.to(torch.float32) * scales[:, :, None]).reshape(N, ng * Gc * c)  # [N, Kp]
 
