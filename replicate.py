@@ -44,7 +44,7 @@ import torch
 
 import data
 import eval as E
-from model import Transformer, UserError, atomic_path, embedded_model_path, run_cli
+from model import ArgumentParser, Transformer, UserError, atomic_path, embedded_model_path, run_cli
 
 ROOT = Path(__file__).resolve().parent
 
@@ -58,7 +58,7 @@ QUICK = dict(steps=16, batch_size=4, seq_len=128, n_train=400, n_heldout=24, alp
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--quick", action="store_true", help="fewer steps and items (the defaults in brackets below change)")
     a("--model", default=None, help="GGUF or HF dir (default: the embedded SmolLM2-135M-Instruct Q4_1)")
