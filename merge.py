@@ -291,10 +291,15 @@ def main(argv=None):
     p.add_argument("--gguf", default=None, help="also write a llama.cpp Q4_1 GGUF file here")
     p.add_argument("--mlx", default=None, help="also write an mlx_lm model directory here")
     p.add_argument("--mlx-dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--quant", default="rtn", choices=["rtn"], help="requantizer for plain-LoRA adapters")
+    p.add_argument("--quant", default="rtn", choices=["rtn", "gptq"], help="requantizer for plain-LoRA adapters")
+    p.add_argument("--calib", default=None, help="calibration text file (plain-LoRA adapters with --quant gptq)")
+    p.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--check", action="store_true", help="reload the outputs and print max |logit diff|")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = p.parse_args(argv)
+    if args.quant == "gptq" and not args.calib:
+        raise UserError("--quant gptq needs --calib FILE (plain text to calibrate on)")
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"{args.out} exists: pass --overwrite to replace it, or choose another --out")
     cfg = read_adapter_config(args.adapter)
@@ -305,9 +310,15 @@ def main(argv=None):
         before = model(ids) if args.check else None
     if cfg["method"] == "qalora":
         merge_adapters(model)
-    else:
+    else:  # the baseline: float merge, then quantize again (RTN, or GPTQ on calibration text)
+        calib = None
+        if args.quant == "gptq":
+            import data
+            import tokenizer as tokenizer_mod
+            tok = tokenizer_mod.load_tokenizer(args.model)
+            calib = data.calibration_windows(tok, args.calib, args.nsamples, args.seq_len)  # [n, T] ids
         q = model.quantization or {}
-        merge_lora_baseline(model, q.get("bits", cfg["bits"]), q.get("group_size", cfg["group_size"]), args.quant)
+        merge_lora_baseline(model, q.get("bits", cfg["bits"]), q.get("group_size", cfg["group_size"]), args.quant, calib)
     model.save_pretrained(args.out)
     print(f"merged {cfg['method']} adapter (rank {cfg['rank']}) into {args.out}")
     outputs = [("checkpoint", args.out)]

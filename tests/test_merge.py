@@ -341,3 +341,35 @@ def test_cli_merges_exports_and_checks(tiny_args, tmp_path):
         merge.main(["--model", str(tmp_path / "merged"), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "x")])
     with pytest.raises(UserError, match="adapter.json"):
         merge.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
+
+
+def test_cli_baseline_adapter_requantizes(tiny_args, tmp_path, capsys):
+    import merge
+    quantized_model(tiny_args, 4, 32).save_pretrained(tmp_path / "base")
+    model = Transformer.from_pretrained(tmp_path / "base")
+    add_adapters(model, rank=2, alpha=4.0, method="lora")
+    randomize_B(model)
+    save_adapters(model, tmp_path / "adapter")
+    merge.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                "--out", str(tmp_path / "merged"), "--check"])
+    out = capsys.readouterr().out
+    rel = float(out.split("relative ")[1].split(")")[0])
+    assert "merged lora adapter" in out and rel > 1e-4, out          # requantization is not exact
+    with pytest.raises(UserError, match="--calib"):
+        merge.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                    "--out", str(tmp_path / "m2"), "--quant", "gptq"])
+
+
+def test_cli_baseline_gptq_on_stories(stories_dir, shared_dir, tmp_path, capsys):
+    import merge
+    base = quant.quantize_model(Transformer.from_pretrained(stories_dir), 4, 32)
+    base.save_pretrained(tmp_path / "base")                       # carries the tokenizer beside it
+    model = Transformer.from_pretrained(tmp_path / "base")
+    add_adapters(model, rank=2, alpha=4.0, method="lora")
+    randomize_B(model, std=0.02)
+    save_adapters(model, tmp_path / "adapter")
+    merge.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out",
+                str(tmp_path / "merged"), "--quant", "gptq", "--calib", str(shared_dir / "data" / "tinyshakespeare.txt"),
+                "--nsamples", "8", "--seq-len", "64", "--check"])
+    out = capsys.readouterr().out
+    assert "check checkpoint" in out and Transformer.from_pretrained(tmp_path / "merged").quantization["method"] == "gptq"
