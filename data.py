@@ -88,7 +88,7 @@ TEMPLATES = ("alpaca", "chat")
 
 def _chatml_system(chat_template):
     """The default system message a ChatML template inserts, or None."""
-    m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", chat_template)
+    m = re.search(r"<\|im_start\|>system(?:\\n|\n)(.*?)<\|im_end\|>", chat_template, re.S)
     return m.group(1) if m else None
 
 

@@ -485,8 +485,10 @@ def main(argv=None):
             merge.export_gguf(model, out / "merged.gguf")
             say(f"saved {out}/merged.gguf")
         else:
+            widths = sorted({g for m in model.modules() if isinstance(m, quant.QuantLinear)
+                             for g in quant.group_sizes(m.in_features, m.group_size)})
             say(f"no merged.gguf: GGUF Q4_1 needs 4 bits and every group a multiple of 32 wide "
-                f"(have {args.bits} bits, group {args.group_size}{'' if gs_ok else ', and a short last group'})")
+                f"(have {args.bits} bits, group widths {widths})")
         final["total_seconds"] = round(time.time() - t_start, 1)
         metrics.log(**final)
         say(f"done in {final['total_seconds']:.0f}s")

@@ -112,6 +112,9 @@ def test_chat_template_chatml():
     assert prompt == ("<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nhi\n\nthere<|im_end|>\n"
                       "<|im_start|>assistant\n")
     assert suffix == "<|im_end|>"
+    tok.chat_template = tok.chat_template.replace("\\n", "\n")  # real newlines, as in SmolLM2's GGUF
+    assert data.render({"instruction": "hi", "input": "", "output": "yo"}, "chat", tok)[0].startswith(
+        "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n")
     tok.chat_template = "{{ bos_token }}[INST] ..."
     with pytest.raises(UserError, match="ChatML"):
         data.render({"instruction": "hi", "input": "", "output": "yo"}, "chat", tok)
@@ -214,3 +217,14 @@ def test_text_windows(tmp_path):
         data.perplexity_windows(tok, p, seq_len=1000)
     with pytest.raises(UserError, match="empty"):
         data.read_text(write(tmp_path, "e.txt", "  \n"))
+
+
+def test_chat_template_smollm2(smollm_gguf):
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(smollm_gguf)
+    ex = data.encode({"instruction": "What is 2 + 3?", "input": "", "output": "5"}, tok, "chat")
+    assert tok.decode(ex.prompt) == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+                                     "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
+                                     "<|im_start|>assistant\n")
+    assert ex.ids[ex.n_prompt:] == tok.encode("5", bos=False) + [tok.eos_id]  # <|im_end|> is the eos
+    assert ex.labels[:ex.n_prompt] == [data.IGNORE] * ex.n_prompt
