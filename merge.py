@@ -17,6 +17,7 @@ scales and biases to float16 (the formats store them so); codes are written as t
 import argparse
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -140,6 +141,14 @@ def _unchanged(src_tensor, ours, dtype):
     return tuple(src.shape) == ours[0].shape and np.array_equal(src.to(dtype).float().numpy(), ours[0])
 
 
+def _bpe_pre(path):
+    """llama.cpp's name for a tokenizer.json's pre-tokenizer (the ones tokenizer.py reads back)."""
+    pre = json.dumps(json.loads(path.read_text()).get("pre_tokenizer")) if path.is_file() else ""
+    if '"individual_digits": true' in pre:
+        return "smollm"        # digits split one by one, then GPT-2 byte level
+    return "llama-bpe" if '"Split"' in pre else "gpt2"
+
+
 def _float_source_metadata(writer, model):
     """llama.* keys from model.args, and tokenizer metadata from the source directory when it has one."""
     from gguf import LlamaFileType
@@ -159,26 +168,34 @@ def _float_source_metadata(writer, model):
         writer.add_value_length(a.head_dim)
     writer.add_file_type(LlamaFileType.MOSTLY_Q4_1)
     writer.add_quantization_version(2)
-    src = model.source if model.source and os.path.isdir(model.source) else None
-    if src is None:
-        return False
-    from pathlib import Path
+    if model.source and os.path.isdir(model.source):
+        _tokenizer_metadata(writer, Path(model.source))
+
+
+def _tokenizer_metadata(writer, src):
+    """llama.cpp's tokenizer keys from a directory's tokenizer.model (sentencepiece) or byte-level BPE
+    tokenizer.json; special added tokens become CONTROL tokens, as llama.cpp's converter marks them."""
+    from gguf import TokenType
     from gguf.vocab import BpeVocab, SentencePieceVocab, SpecialVocab
     for vocab_cls in (SentencePieceVocab, BpeVocab):
         try:
-            vocab = vocab_cls(Path(src))
+            vocab = vocab_cls(src)
         except (FileNotFoundError, KeyError, ValueError, RuntimeError):
             continue
-        tokens, scores, types = zip(*vocab.all_tokens())
+        tokens, scores, types = map(list, zip(*vocab.all_tokens()))
+        bpe = vocab.tokenizer_model == "gpt2"
+        if bpe and (src / "tokenizer.json").is_file():
+            for t in json.loads((src / "tokenizer.json").read_text()).get("added_tokens") or []:
+                if t["id"] < len(types):
+                    types[t["id"]] = TokenType.CONTROL if t.get("special") else TokenType.USER_DEFINED
         writer.add_tokenizer_model(vocab.tokenizer_model)
-        if vocab.tokenizer_model == "gpt2":
-            writer.add_tokenizer_pre("default")
+        if bpe:
+            writer.add_tokenizer_pre(_bpe_pre(src / "tokenizer.json"))
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        SpecialVocab(Path(src), load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-        return True
-    return False
+        SpecialVocab(src, load_merges=bpe, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        return
 
 
 def export_gguf(model, path):

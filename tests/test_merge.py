@@ -373,3 +373,31 @@ def test_cli_baseline_gptq_on_stories(stories_dir, shared_dir, tmp_path, capsys)
                 "--nsamples", "8", "--seq-len", "64", "--check"])
     out = capsys.readouterr().out
     assert "check checkpoint" in out and Transformer.from_pretrained(tmp_path / "merged").quantization["method"] == "gptq"
+
+
+def test_gguf_from_float_source_carries_the_tokenizer(tiny_args, stories_dir, tmp_path):
+    """A float source directory's sentencepiece tokenizer becomes llama.cpp tokenizer metadata."""
+    import sentencepiece
+    from gguf import GGUFReader
+    model = merged_model(tiny_args, 4, 32, vocab_size=512)
+    model.source = str(stories_dir)
+    reader = GGUFReader(str(export_gguf(model, tmp_path / "m.gguf")))
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(stories_dir / "tokenizer.model"))
+    assert field("tokenizer.ggml.model") == "llama"
+    assert field("tokenizer.ggml.tokens") == [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    np.testing.assert_allclose(field("tokenizer.ggml.scores"), [sp.get_score(i) for i in range(sp.vocab_size())])
+    assert (field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")) == (sp.bos_id(), sp.eos_id())
+
+
+@pytest.mark.slow
+def test_gguf_from_bpe_directory_tokenizes_like_the_source(tiny_args, smollm_gguf, tmp_path):
+    """A checkpoint directory with SmolLM2's tokenizer.json -> GGUF whose tokenizer matches the original."""
+    import tokenizer as tokenizer_mod
+    original = tokenizer_mod.load_tokenizer(smollm_gguf)
+    original.save(tmp_path)
+    model = merged_model(tiny_args, 4, 32, vocab_size=original.vocab_size)
+    model.source = str(tmp_path)
+    again = tokenizer_mod.load_tokenizer(str(export_gguf(model, tmp_path / "m.gguf")))
+    text = "In 1987, 12 robots said: 'hello   world' <|im_end|>\n\tdone."
+    assert again.encode(text) == original.encode(text) and (again.bos_id, again.eos_id) == (original.bos_id, original.eos_id)
