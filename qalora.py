@@ -37,7 +37,7 @@ class QALoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(base.n_groups, rank, bias=False)       # Kaiming-uniform init (nn.Linear's)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.zeros_(self.lora_B.weight)                             # starts as the identity update
+        nn.init.zeros_(self.lora_B.weight)                             # starts as a zero update
 
     def forward(self, x):
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # pool bf16/f16 inputs in f32

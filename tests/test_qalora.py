@@ -56,6 +56,25 @@ def test_qalora_linear_equals_dense_reference(bits, group_size, in_features):
     assert layer.lora_A.weight.shape == (3, base.n_groups) and layer.scaling == 2.0
 
 
+@pytest.mark.parametrize("impl", ["reference", "eager", "compiled"])
+def test_gradients_match_the_dense_reference(impl):
+    """The pool is shared with the kernel's bias term: input and adapter gradients must still be exact."""
+    w = torch.randn(48, 200)
+    base = quant.QuantLinear.from_codes(*quant.quantize(w, 4, 64), 4, 64)
+    base.impl = impl
+    layer = QALoRALinear(base, rank=3, alpha=6.0)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5, 200, requires_grad=True)
+    gy = torch.randn(2, 5, 48)
+    (layer(x) * gy).sum().backward()
+    xd = x.detach().double().requires_grad_()
+    A, B = (p.detach().double().requires_grad_() for p in (layer.lora_A.weight, layer.lora_B.weight))
+    dense = base.dequantize_weight().double() + layer.scaling * B @ expand_columns(A, 200, 64)
+    ((xd @ dense.T) * gy.double()).sum().backward()
+    for got, want in ((x.grad, xd.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)):
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
 def test_lora_linear_equals_dense_reference():
     w = torch.randn(24, 80)
     base = quant.QuantLinear.from_codes(*quant.quantize(w, 4, 32), 4, 32)
