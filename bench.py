@@ -308,7 +308,8 @@ def main():
     torch.manual_seed(0)
     llc = llc_bytes()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, last-level cache {llc >> 20} MB, "
-          f"compile {'on' if kernels.COMPILE else 'off'}")
+          f"compile {'on' if kernels.COMPILE else 'off'}, load average {os.getloadavg()[0]:.1f} "
+          f"(other processes skew multi-threaded timings: OpenMP barriers wait on descheduled threads)")
     print(f"{'in x out':>10} {'M':>4} {'bits':>4} {'group':>5} {'impl':<22}{'ms':>10} {'GB/s':>8} {'x dense':>8} {'/ native':>8}")
     rows, decode = [], {}
     bench_matmul(args, llc, rows)

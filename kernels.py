@@ -41,7 +41,7 @@ except ImportError:  # optional accelerator
     triton = None
 
 IMPLS = ("reference", "compiled", "native", "triton", "auto")
-GEMV_MAX_M = 4  # up to this many rows the fused reduction beats dequantize + BLAS (measured in bench.py)
+GEMV_MAX_M = 8  # up to this many rows the fused reduction beats dequantize + BLAS (4096x4096, 1 thread: 18 vs 35 ms at M=8)
 COMPILE_MIN_NUMEL = 1 << 16  # auto compiles layers with out*in >= this; tiny ones run eagerly
 NATIVE_RTOL = 1e-2  # stated tolerance of the bf16 native path (measured ~2.5e-3, normwise)
 NATIVE_GROUPS = (32, 64, 128, 256)
@@ -270,7 +270,9 @@ class _GroupedScaleMatmul(torch.autograd.Function):
         ctx.layer, ctx.compiled = layer, compiled
         e, c, G, Kp = _layout(layer)
         xp = _x_planes(x2, c, G, Kp)  # [M, ng, c, G/c]
-        if x2.shape[0] <= GEMV_MAX_M:  # decode: one fused pass over the packed codes
+        if x2.shape[0] <= GEMV_MAX_M:  # few rows: one fused pass over the packed codes
+            if xp.shape[0] > 1:
+                torch._dynamo.mark_dynamic(xp, 0)
             return _run(_gemv, compiled, xp, _planes(layer), layer.scales.float(), e, c)
         return _sq_matmul(xp.view(x2.shape[0], Kp), layer, compiled)  # [M, out]
 
@@ -295,6 +297,8 @@ def grouped(x, layer, pooled=None, compiled=True):
         # decode: one fused call keeps the per-layer overhead small (the pool is recomputed in-kernel)
         e, c, G, Kp = _layout(layer)
         bias = layer.bias.float() if layer.bias is not None else None
+        if x2.shape[0] > 1:  # one graph for every M in 2..GEMV_MAX_M (M = 1 gets its own, specialized)
+            torch._dynamo.mark_dynamic(x2, 0)
         y = _run(_decode_step, compiled, x2, _planes(layer), layer.scales.float(), layer.biases.float(), bias,
                  e, c, G, Kp)
         return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
