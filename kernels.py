@@ -6,27 +6,40 @@ Dequant-matmul kernels: y = x @ w~^T (+ bias) for a quant.QuantLinear, where
 One dispatch function, `qmatmul(x, layer, impl)`, with explicit choices:
 
 - "reference": unpack, dequantize, matmul in float32. The readable definition; every other path is
-  tested against it.
+  tested against it (tests/test_kernels.py).
 - "compiled": the grouped formulation, compiled with torch.compile (TorchInductor's C++ backend on CPU):
 
       y = sum_g scales_g * (x_g @ q_g^T)  +  sum_g biases_g * sum(x_g)
 
   The second term needs only the per-group input sums, i.e. pool_groups(x) * group width: the same
-  pool QA-LoRA's adapter reads, so the adapter computes it once and passes it in (`pooled=`).
-  For M <= GEMV_MAX_M rows the first term is one fused reduction that reads the packed codes straight
-  from memory (decode); for more rows it dequantizes `scales * q` (fused, compiled) and calls the BLAS
-  matmul (prefill, training). Everything stays float32: equal to reference to ~1e-6 relative.
+  pool QA-LoRA's adapter reads, so the adapter computes it once and passes it in (`pooled=`), and its
+  gradient flows back through that pool. For M <= GEMV_MAX_M rows the first term is one fused
+  reduction over the packed codes (decode; without autograd the whole layer, bias term included, is
+  one graph); for more rows it dequantizes `scales * q` a chunk of rows at a time and calls the BLAS
+  matmul (prefill, training). All float32: equal to reference to ~1e-6 relative. The biases and
+  scales are read fresh every call (merge.py rewrites the biases); only a code layout is cached.
+  If compiling fails (no C++ compiler, an inductor bug) it warns once and runs the same code eagerly.
+- "eager": the same grouped code without torch.compile (what auto uses for tiny layers).
 - "native": PyTorch's int4 kernels (torch.ops.aten._weight_int4pack_mm_for_cpu on CPU,
   _weight_int4pack_mm on CUDA); 4 bits, group 32/64/128/256 dividing in_features, out_features % 16 == 0.
-  They compute in bfloat16 (x is cast around the call): ||y - ref|| / ||ref|| <= NATIVE_RTOL.
-- "triton": a Triton dequant-matmul (CUDA; optional, guarded import; tested on CPU under TRITON_INTERPRET=1).
-- "auto": native when x is bfloat16 and the layer fits it (the caller already chose bf16 precision);
-  otherwise compiled for layers big enough to repay compiling (out*in >= COMPILE_MIN_NUMEL), else the
-  same grouped code run eagerly. fp32 callers (training, exactness checks) therefore always get
-  fp32-accurate results.
+  They compute in bfloat16 (x is cast around the call; y comes back in x's dtype), with scale and zero
+  rounded to bf16: ||y - ref|| / ||ref|| <= NATIVE_RTOL = 1e-2 (measured 2.5e-3 to 4e-3). The backward
+  is the fp32 grouped formulation.
+- "triton": a Triton dequant-matmul for CUDA (optional, guarded import), tested on CPU tensors under
+  TRITON_INTERPRET=1; see the notes above the kernel for what to expect of it on a GPU.
+- "auto" (QuantLinear's default; `choose_impl` says what it picks):
+    x bfloat16 and the layer fits native   -> native  (the caller chose bf16 precision: fastest on CPU)
+    CUDA and triton importable             -> triton
+    out * in >= COMPILE_MIN_NUMEL          -> compiled (fp32-accurate: training, merge exactness checks)
+    otherwise                              -> eager   (tiny layers: compiling would not pay back)
+  fp32 activations never go through bf16 behind the caller's back: the QA-LoRA merge is exact only
+  if both sides of the comparison are computed in fp32.
 
-Autograd: the base is frozen, so only the input gradient is needed: grad_x = grad_y @ w~, computed with
-the transposed grouped formulation (grad_y @ (scales*q) plus grad_y @ biases spread over each group).
+Autograd works through every path: the base is frozen, so only the input gradient is needed,
+grad_x = grad_y @ w~, computed with the transposed grouped formulation (grad_y @ (scales*q) chunk by
+chunk, plus grad_y @ biases spread over each group).
+
+Set QALORA_COMPILE=0 to run the grouped code eagerly everywhere (e.g. on a machine without a compiler).
 """
 import os
 import warnings
