@@ -328,3 +328,25 @@ def test_gptq_replay_of_finished_submodules_changes_nothing(tiny_args, monkeypat
         if isinstance(m1, quant.QuantLinear):
             assert torch.equal(m1.qweight, m2.qweight) and torch.equal(m1.scales, m2.scales), n1
             assert torch.equal(m1.biases, m2.biases), n1
+
+
+def test_cli_rtn_and_gptq_on_stories(stories_dir, shared_dir, tmp_path, capsys):
+    """quant.py's main writes a checkpoint that loads back as the same quantized model."""
+    from model import Transformer, UserError
+    out = tmp_path / "rtn"
+    quant.main(["--model", str(stories_dir), "--bits", "3", "--group-size", "32", "--quant", "rtn", "--out", str(out)])
+    back = Transformer.from_pretrained(out)
+    ref = quant.quantize_model(Transformer.from_pretrained(stories_dir), 3, 32)
+    assert back.quantization == {"bits": 3, "group_size": 32, "method": "rtn", "format": "affine"}
+    for (n1, m1), (n2, m2) in zip(ref.named_modules(), back.named_modules()):
+        if isinstance(m1, quant.QuantLinear):
+            assert torch.equal(m1.qweight, m2.qweight) and torch.equal(m1.scales, m2.scales), n1
+    assert (out / "tokenizer.model").is_file()
+    calib = shared_dir / "data" / "tinystories_valid_sample.txt"
+    quant.main(["--model", str(stories_dir), "--bits", "4", "--group-size", "32", "--quant", "gptq", "--calib",
+                str(calib), "--nsamples", "4", "--seq-len", "64", "--out", str(tmp_path / "gptq")])
+    assert Transformer.from_pretrained(tmp_path / "gptq").quantization["method"] == "gptq"
+    with pytest.raises(UserError, match="--calib"):
+        quant.main(["--model", str(stories_dir), "--quant", "gptq", "--out", str(tmp_path / "x")])
+    with pytest.raises(UserError, match="--overwrite"):
+        quant.main(["--model", str(stories_dir), "--quant", "rtn", "--out", str(out)])
