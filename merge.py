@@ -14,7 +14,6 @@ B @ A is dense: merging it means dequantize, add, and quantize again (RTN or GPT
 Exports: GGUF (llama.cpp Q4_1) and MLX (mlx_lm's affine layout). The only loss in either is rounding
 scales and biases to float16 (the formats store them so); codes are written as they are.
 """
-import argparse
 import json
 import os
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 
 import quant
-from model import Transformer, UserError, atomic_path, ours_to_gguf, permute_qk, run_cli
+from model import ArgumentParser, Transformer, UserError, atomic_path, ours_to_gguf, permute_qk, run_cli
 from qalora import LoRALinear, QALoRALinear, adapter_layers, load_adapters, read_adapter_config
 
 
@@ -301,7 +300,7 @@ def _check_ids(model, model_path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Merge a QA-LoRA adapter into its quantized base and export it.")
+    p = ArgumentParser(description="Merge a QA-LoRA adapter into its quantized base and export it.")
     p.add_argument("--model", required=True, help="the quantized base: checkpoint dir or Q4_1 .gguf")
     p.add_argument("--adapter", required=True, help="adapter directory (adapter.json + adapter.safetensors)")
     p.add_argument("--out", required=True, help="merged checkpoint directory to write")

@@ -336,6 +336,8 @@ def test_cli_merges_exports_and_checks(tiny_args, tmp_path):
             assert torch.equal(a.qweight, b.qweight) and torch.equal(a.biases, b.biases), n
     again = run_merge("--model", tmp_path / "base", "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged")
     assert again.returncode == 1 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    bad_flag = run_merge("--model", tmp_path / "base", "--adapter", tmp_path / "adapter", "--mlx-dtype", "int8")
+    assert bad_flag.returncode == 2 and len(bad_flag.stderr.strip().splitlines()) == 1, bad_flag.stderr
     import merge
     with pytest.raises(UserError, match="another base"):      # the merged model is not the adapter's base
         merge.main(["--model", str(tmp_path / "merged"), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "x")])
