@@ -84,6 +84,9 @@ def get_args(argv=None):
     a("--limit-mmlu", type=int, default=None, help=f"MMLU questions, a seeded sample [{FULL['limit_mmlu']}; quick {QUICK['limit_mmlu']}]")
     a("--mmlu-shots", type=int, default=0, choices=[0, 5])
     a("--seed", type=int, default=0)
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the quantized kernels (kernels.py; default: on, off for --quick where a few steps "
+           "would not pay the compile time back); sets QALORA_COMPILE for this process and train.py")
     a("--threads", type=int, default=None, help="torch threads here and in the training runs (default: all cores)")
     a("--out", default=None, help="output folder (default results/quick or results/full)")
     a("--resume", action="store_true", help="reuse the finished rows in --out (same settings only)")
@@ -98,6 +101,8 @@ def get_args(argv=None):
     args.calib = args.calib or str(shared / "wikitext-2" / "valid.txt")
     args.data_dir = args.data_dir or str(shared)
     args.out = args.out or str(ROOT / "results" / ("quick" if args.quick else "full"))
+    if args.compile is None:
+        args.compile = not args.quick
     try:
         args.bits = [int(b) for b in args.bits.split(",")]
     except ValueError:
@@ -221,6 +226,7 @@ def markdown(args, rows, table2, meta):
     lines = [f"# QA-LoRA replication on {meta['model_name']} ({'--quick' if args.quick else 'full grid'})", "",
              f"Command: `{meta['command']}`  ",
              f"Hardware: {meta['hardware']}; torch {torch.__version__}; {args.threads} threads; "
+             f"kernels {'compiled' if args.compile else 'eager (QALORA_COMPILE=0)'}; "
              f"wall time {meta['wall_seconds'] / 60:.1f} min.", "",
              f"Group size {args.group_size}; training: {args.steps} steps × {args.batch_size} examples, lr {args.lr}, "
              f"rank {args.rank}, alpha {args.alpha}, dropout {args.dropout}, seed {args.seed}, seq-len {args.seq_len}, "
@@ -262,6 +268,8 @@ def main(argv=None):
     args = get_args(argv)
     t_start = time.time()
     args.threads = args.threads or os.cpu_count() or 1
+    if "kernels" not in sys.modules:  # read by kernels.py at import, inherited by the train.py processes
+        os.environ["QALORA_COMPILE"] = "1" if args.compile else "0"
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work, rows_dir = out / "work", out / "rows"
