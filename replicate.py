@@ -123,6 +123,19 @@ RESULT_KEYS = ("quick", "model", "bits", "group_size", "steps", "batch_size", "s
                "data_dir", "limit_arc", "limit_hellaswag", "limit_mmlu", "mmlu_shots", "seed")
 
 
+def git_commit():
+    """The checkout's commit (+ "-dirty" if tracked files changed), or what QALORA_COMMIT says (a copy)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True).stdout.strip()
+            return head.stdout.strip() + ("-dirty" if dirty else "")
+    except OSError:
+        pass
+    return os.environ.get("QALORA_COMMIT")
+
+
 def say(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
@@ -224,7 +237,7 @@ def fmt_acc(m, key="acc"):
 def markdown(args, rows, table2, meta):
     shots = f"{args.mmlu_shots}-shot"
     lines = [f"# QA-LoRA replication on {meta['model_name']} ({'--quick' if args.quick else 'full grid'})", "",
-             f"Command: `{meta['command']}`  ",
+             f"Command: `{meta['command']}` (commit {meta['commit']})  ",
              f"Hardware: {meta['hardware']}; torch {torch.__version__}; {args.threads} threads; "
              f"kernels {'compiled' if args.compile else 'eager (QALORA_COMPILE=0)'}; "
              f"wall time {meta['wall_seconds'] / 60:.1f} min.", "",
@@ -371,7 +384,7 @@ def main(argv=None):
     meta = {"command": "python replicate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "hardware": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, {platform.system()}",
             "wall_seconds": time.time() - t_start, "n_train_records": sum(1 for _ in open(mix)),
-            "n_alpaca_heldout": len(alp_held_ex), "model_name": Path(path).name}
+            "n_alpaca_heldout": len(alp_held_ex), "model_name": Path(path).name, "commit": git_commit()}
     result = {"settings": settings, "meta": meta, "rows": rows, "table2": table2}
     with atomic_path(out / "replicate.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
