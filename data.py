@@ -323,7 +323,7 @@ def normalize_answer(text):
 
 
 @torch.no_grad()
-def exact_match(model, tok, examples, max_new_tokens=12, batch_size=32):
+def exact_match(model, tok, examples, max_new_tokens=12, batch_size=64):
     """(fraction of examples whose greedy answer equals the reference, [answers])."""
     from generate import generate_batch
     was_training = model.training

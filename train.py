@@ -58,13 +58,16 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=8, help="examples per micro-batch per process")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--seq-len", type=int, default=128, help="longer examples are truncated")
-    a("--max-steps", type=int, default=240, help="optimizer steps")
+    a("--max-steps", type=int, default=150, help="optimizer steps")
     a("--n-train", type=int, default=4000, help="synthetic training examples")
     a("--n-heldout", type=int, default=64, help="held-out examples (synthetic, or split off --data)")
     a("--max-new-tokens", type=int, default=12, help="greedy tokens for exact match")
-    a("--eval-every", type=int, default=60, help="held-out loss every N steps (0: never)")
-    a("--save-every", type=int, default=60, help="checkpoint every N steps (0: only at the end)")
+    a("--eval-every", type=int, default=50, help="held-out loss every N steps (0: never)")
+    a("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
     a("--stop-after", type=int, default=None, help="checkpoint and stop after this step, as SIGINT would")
+    a("--time-budget", type=float, default=14.0,
+      help="minutes for the whole run: training ends early (checkpointed, then merged and evaluated as usual) "
+           "when the remaining steps would not fit; 0 = no limit")
     a("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base model compute dtype")
     a("--threads", type=int, default=None, help="torch CPU threads (default: cores / processes)")
@@ -78,7 +81,7 @@ def get_args(argv=None):
 
 
 # flags that may change between a run and its --resume; all others must match
-RESUMABLE = {"max_steps", "eval_every", "save_every", "stop_after", "threads", "compile", "out", "overwrite",
+RESUMABLE = {"max_steps", "time_budget", "eval_every", "save_every", "stop_after", "threads", "compile", "out", "overwrite",
              "resume", "no_gguf", "grad_checkpointing"}
 RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint", "adapter", "merged", "merged.gguf")
 
@@ -282,6 +285,7 @@ def main(argv=None):
     master = rank == 0
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
     say = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    say(f"train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     for name in ("batch_size", "grad_accum", "max_steps", "seq_len", "rank"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -337,6 +341,7 @@ def main(argv=None):
         say(f"before: held-out loss {before['eval_loss']:.4f}" +
             (f", exact match {before['exact_match']:.3f}" if "exact_match" in before else "") +
             f" ({time.time() - t0:.1f}s)")
+        before["seconds"] = time.time() - t0
     else:
         before = state["before"]
 
@@ -386,10 +391,13 @@ def main(argv=None):
     ckpt_state = lambda: dict(step=step, sampler=sampler.state_dict(), before=before)  # noqa: E731
 
     from tqdm import tqdm
+    start_step = step
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True,
                unit="step", file=sys.stderr)
     model.train()
-    t_train, tokens_seen = time.time(), 0
+    t_train, tokens_seen, budget_stop = time.time(), 0, False
+    # the final evaluation runs the held-out set twice (unmerged, merged), then saves: budget for it
+    t_final = 2 * before.get("seconds", 0.0) + 30.0
     try:
         while step < args.max_steps:
             t0 = time.time()
@@ -433,8 +441,17 @@ def main(argv=None):
                 bar.write(f"step {step}: held-out loss {el:.4f}") if master else None
             interrupted = bool(all_sum(float(stop["flag"]), world))
             stopping = interrupted or (args.stop_after is not None and step >= args.stop_after)
-            if (args.save_every and step % args.save_every == 0) or step == args.max_steps or stopping:
+            if args.time_budget and step < args.max_steps and not stopping:  # rank 0 decides for everyone
+                sec_per_step = (time.time() - t_train) / (step - start_step)
+                late = time.time() - t_start + sec_per_step + t_final > args.time_budget * 60
+                budget_stop = bool(all_sum(float(late and master), world))
+            if (args.save_every and step % args.save_every == 0) or step == args.max_steps or stopping or budget_stop:
                 save_checkpoint(out, model, optimizer, ckpt_state(), world)
+            if budget_stop:
+                say(f"time budget: training ends after step {step} of {args.max_steps} to finish within "
+                    f"--time-budget {args.time_budget:g} min (checkpoint saved; --resume continues, "
+                    f"--time-budget 0 disables the limit)")
+                break
             if stopping:
                 bar.close()
                 say(f"{'interrupted' if interrupted else 'stopped'} after step {step}: checkpoint saved in "
@@ -446,7 +463,7 @@ def main(argv=None):
             signal.signal(signal.SIGINT, old_handler)
     t_train = time.time() - t_train
     if tokens_seen:
-        say(f"trained {args.max_steps} steps: {tokens_seen} tokens in {t_train:.0f}s, {tokens_seen / t_train:.0f} tokens/s")
+        say(f"trained {step - start_step} steps: {tokens_seen} tokens in {t_train:.0f}s, {tokens_seen / t_train:.0f} tokens/s")
 
     # final: unmerged vs merged, held-out loss and exact match
     final = {"step": step, "final": True, "train_seconds": round(t_train, 1),

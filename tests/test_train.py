@@ -163,3 +163,12 @@ def test_sigint_checkpoints_and_exits_cleanly(tiny_dir, tmp_path):
     assert "interrupted after step" in stdout
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     assert state["step"] == len(losses(out)) >= 2
+
+
+def test_time_budget_ends_training_early_but_still_merges(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(flags(tiny_dir, out, "--max-steps", "50", "--time-budget", "0.0001"))
+    assert "time budget: training ends after step 1 of 50" in capsys.readouterr().out
+    final = records(out)[-1]
+    assert final["final"] and final["step"] == 1 and (out / "merged" / "config.json").exists()
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
