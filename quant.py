@@ -410,18 +410,22 @@ class _Replay(nn.Module):
 
 def _block_pass(block, inputs, done, cache, pre_hook=None):
     """One pass of the calibration batches through a block. `pre_hook` (module, hook) may raise _Stop
-    to end each batch early. Direct children of the block whose linears are all in `done` give the
-    same output in every later pass: they are recorded once (cache) and replayed after that, so the
-    stages of one block cost about one forward instead of four. Returns the block's outputs."""
+    to end each batch early. A submodule whose linears are all in `done` (or a done linear) gives the
+    same output in every later pass: it is recorded once (cache) and replayed after that (the outermost
+    cached one), so the four stages of a block cost about one forward. Returns the block's outputs."""
     outs, handles, recording, replaced = [], [], {}, {}
-    for name, child in list(block.named_children()):
-        linears = [f"{name}.{n}" for n, m in child.named_modules() if isinstance(m, nn.Linear)]
+    for name, mod in list(block.named_modules()):
+        if not name or any(name.startswith(r + ".") for r in replaced):
+            continue
+        linears = [f"{name}.{n}".rstrip(".") for n, m in mod.named_modules() if isinstance(m, nn.Linear)]
+        if not linears or not all(n in done for n in linears):
+            continue
         if name in cache:
-            replaced[name] = child
+            replaced[name] = mod
             _set_module(block, name, _Replay(cache[name]))
-        elif linears and all(n in done for n in linears):
+        else:
             recording[name] = []
-            handles.append(child.register_forward_hook(lambda m, a, y, rec=recording[name]: rec.append(y)))
+            handles.append(mod.register_forward_hook(lambda m, a, y, rec=recording[name]: rec.append(y)))
     if pre_hook is not None:
         handles.append(pre_hook[0].register_forward_pre_hook(pre_hook[1]))
     try:
