@@ -50,20 +50,24 @@ def copies_for(nbytes, llc):
     return max(2, math.ceil(2 * llc / max(nbytes, 1)) + 1)
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process)
+
+
 def timeit(fn, items, min_time=0.3, max_calls=1000, repeats=3):
     """Seconds per call of fn(item), cycling through items; best of `repeats` rounds."""
+    clock = CLOCK
     for it in items:  # warm-up: compiles, builds caches, touches every copy
         fn(it)
-    t0 = time.perf_counter()
+    t0 = clock()
     fn(items[0])
-    est = max(time.perf_counter() - t0, 1e-6)
+    est = max(clock() - t0, 1e-6)
     n = int(min(max_calls, max(len(items), min_time / repeats / est)))
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for i in range(n):
             fn(items[i % len(items)])
-        best = min(best, (time.perf_counter() - t0) / n)
+        best = min(best, (clock() - t0) / n)
     return best
 
 
@@ -224,9 +228,9 @@ def bench_decode(args, out):
                               ("4-bit bf16 act", torch.bfloat16, True)):
         model = Transformer.from_pretrained(path, dtype=dtype, keep_quantized=keep)
         generate(model, prompt, 4)  # warm-up (compiles)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         new = generate(model, prompt, n)
-        dt = time.perf_counter() - t0
+        dt = CLOCK() - t0
         out[name] = len(new) / dt
         print(f"decode {name:<16} {out[name]:8.1f} tokens/s ({len(new)} tokens)", flush=True)
         del model
@@ -238,9 +242,9 @@ def bench_decode(args, out):
             return
         llm = Llama(model_path=path, n_threads=torch.get_num_threads(), verbose=False)
         llm("Once upon a time", max_tokens=4, temperature=0.0)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         r = llm("Once upon a time", max_tokens=n, temperature=0.0)
-        dt = time.perf_counter() - t0
+        dt = CLOCK() - t0
         out["llama.cpp"] = r["usage"]["completion_tokens"] / dt
         print(f"decode {'llama.cpp Q4_1':<16} {out['llama.cpp']:8.1f} tokens/s", flush=True)
 
@@ -290,6 +294,8 @@ def main():
     p.add_argument("--impls", default="reference,compiled,native,auto,auto bf16")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: CPU time of this process (with --threads 1: robust on a shared, loaded machine)")
     p.add_argument("--slow-reference", action="store_true", help="also time the reference at M > 16")
     p.add_argument("--no-step", action="store_true")
     p.add_argument("--no-decode", action="store_true")
@@ -298,6 +304,11 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            raise SystemExit("error: --clock cpu sums the CPU time of all threads: use it with --threads 1")
+        global CLOCK
+        CLOCK = time.process_time
     ints = lambda s: [int(v) for v in s.split(",")]
     args.shapes = args.shapes.split(",") if args.shapes else (["4096x4096"] if args.quick else ["4096x4096"] + SMOLLM_SHAPES)
     args.m = ints(args.m) if args.m else ([1, 16] if args.quick else [1, 16, 512])
@@ -307,7 +318,7 @@ def main():
     args.step_shapes = args.shapes if not args.quick else ["4096x4096"]
     torch.manual_seed(0)
     llc = llc_bytes()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, last-level cache {llc >> 20} MB, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, last-level cache {llc >> 20} MB, "
           f"compile {'on' if kernels.COMPILE else 'off'}, load average {os.getloadavg()[0]:.1f} "
           f"(other processes skew multi-threaded timings: OpenMP barriers wait on descheduled threads)")
     print(f"{'in x out':>10} {'M':>4} {'bits':>4} {'group':>5} {'impl':<22}{'ms':>10} {'GB/s':>8} {'x dense':>8} {'/ native':>8}")
@@ -320,7 +331,8 @@ def main():
     tg = targets(rows, decode)
     for k, v in tg.items():
         print(f"target {k}: {v}")
-    print(json.dumps(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows, decode=decode,
+    print(json.dumps(dict(torch=torch.__version__, threads=torch.get_num_threads(), clock=args.clock,
+                          load_average=os.getloadavg()[0], rows=rows, decode=decode,
                           targets=tg)))
 
 

@@ -133,7 +133,8 @@ def _cached(layer, name, deps, build):
 # is padded with code 0, whose scales*q term is 0) are packed with e = 2, 4 or 8 bits per code, LSB
 # first: c = 8 // e codes per byte, byte k of a row holds codes c*k + t at bits [t*e, (t+1)*e).
 # That is exactly quant.pack's layout, so for 2, 4 and 8 bits with in % G == 0 the layout IS
-# layer.qweight (no copy); 3-bit codes are stored in nibbles (e = 4), unaligned widths are padded.
+# layer.qweight (no copy); 3-bit codes are stored in nibbles (e = 4), unaligned widths are padded,
+# and codes are widened when a group's plane would be shorter than 16 (2 bits at group 32: nibbles).
 # Viewed as [out, n_groups, G/c] bytes, code t of byte j pairs with input column g*G + c*j + t, so the
 # input is permuted once per call to [M, n_groups, c, G/c] ("x planes") and every plane t is a
 # contiguous, vectorizable stream.
@@ -142,10 +143,11 @@ def _layout(layer):
     """(e, c, G, padded width) of the planes layout for this layer."""
     G = layer.group_size
     e = 4 if layer.bits == 3 else layer.bits
-    c = 8 // e
-    if G % c:  # a group width that does not fill whole bytes: one code per byte
-        e, c = 8, 1
-    return e, c, G, layer.n_groups * G
+    # each plane of a group must fill whole bytes and be >= 16 codes long (one AVX-512 vector of f32;
+    # shorter inner loops do not vectorize: 2 bits at group 32 ran 5x slower): else widen the codes
+    while e < 8 and (G % (8 // e) or G // (8 // e) < 16):
+        e *= 2
+    return e, 8 // e, G, layer.n_groups * G
 
 
 def _planes(layer):

@@ -108,11 +108,14 @@ def test_shared_pool_gives_same_values_and_gradients():
 
 
 def test_planes_layout_is_qweight_when_aligned():
-    """2/4/8 bits with in % group == 0 read the packed buffer itself: no copy, nothing cached."""
-    for bits in (2, 4, 8):
-        layer = make_layer(16, 64, 32, bits)
+    """2/4/8 bits with in % group == 0 read the packed buffer itself: no copy, nothing cached
+    (unless a group's plane would be shorter than 16 codes: 2 bits at group 32 is kept in nibbles)."""
+    for bits, gs in ((2, 64), (4, 32), (8, 32)):
+        layer = make_layer(16, 128, gs, bits)
         assert kernels._planes(layer).data_ptr() == layer.qweight.data_ptr()
-    assert "_kernel_cache" not in layer.__dict__
+        assert "_kernel_cache" not in layer.__dict__
+    layer = make_layer(16, 128, 32, 2)
+    assert kernels._layout(layer)[:2] == (4, 2) and kernels._planes(layer).shape == (16, 4, 16)
 
 
 def test_cache_follows_in_place_changes():
