@@ -350,3 +350,16 @@ def test_cli_rtn_and_gptq_on_stories(stories_dir, shared_dir, tmp_path, capsys):
         quant.main(["--model", str(stories_dir), "--quant", "gptq", "--out", str(tmp_path / "x")])
     with pytest.raises(UserError, match="--overwrite"):
         quant.main(["--model", str(stories_dir), "--quant", "rtn", "--out", str(out)])
+
+
+def test_gptq_keeps_weights_already_on_the_grid():
+    """Weights that already lie on a min-max grid (like SmolLM2's Q4_1 file at 4 bits / group 32) make
+    every rounding error zero, so GPTQ never updates a column and returns the same codes as RTN."""
+    out, n = 16, 96
+    q = torch.randint(0, 16, (out, n), dtype=torch.uint8)
+    q[:, 0::32], q[:, 1::32] = 0, 15  # every group spans the full range, as llama.cpp's quantizer ensures
+    d = (torch.rand(out, 3) * 0.01 + 1e-3).half().float()  # fp16 scales and mins, as stored in the file
+    m = (-8 * d - torch.rand(out, 3) * 1e-3).half().float()
+    w = quant.dequantize(q, d, m, 32)
+    qg, s, b = quant.gptq(w, correlated_hessian(n), 4, 32)
+    assert torch.equal(qg, q) and torch.equal(s, d) and torch.equal(b, m)
