@@ -198,7 +198,7 @@ def train_run(args, base_dir, mix, method, bits, run_dir, log_path):
            "--method", method, "--rank", str(args.rank), "--alpha", str(args.alpha), "--dropout", str(args.dropout),
            "--lr", str(args.lr), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--max-steps", str(args.steps), "--n-heldout", "8", "--eval-every", "0", "--save-every", "0",
-           "--seed", str(args.seed), "--out", str(run_dir), "--overwrite", "--no-gguf",
+           "--seed", str(args.seed), "--out", str(run_dir), "--overwrite", "--no-gguf", "--time-budget", "0",
            "--threads", str(args.threads)]
     say(f"train: {' '.join(cmd[1:])}")
     t0 = time.time()
@@ -214,13 +214,14 @@ def train_run(args, base_dir, mix, method, bits, run_dir, log_path):
     return time.time() - t0, rss_mb
 
 
-def run_stats(run_dir):
+def run_stats(run_dir, args_steps):
     """Trainable parameters (the saved adapter) and seconds per step (median over the run's steps)."""
     from safetensors import safe_open
     with safe_open(str(Path(run_dir) / "adapter" / "adapter.safetensors"), "pt") as f:
         n_params = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
     recs = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
     steps = [r["tokens"] / r["tokens_per_s"] for r in recs if "loss" in r and r.get("tokens_per_s")]
+    assert len(steps) == args_steps, f"{run_dir} ran {len(steps)} steps, not {args_steps}: (c) and (d) must match"
     final = next((r for r in recs if r.get("final")), {})
     return {"trainable_params": n_params, "s_per_step": statistics.median(steps), "steps": len(steps),
             "train_seconds": final.get("train_seconds"),
@@ -365,7 +366,7 @@ def main(argv=None):
 
             def trained(method=method, run_dir=run_dir):
                 wall, rss = train_run(args, base_dir, mix, method, bits, run_dir, work / f"{method}{bits}.log")
-                stats = dict(run_stats(run_dir), wall_seconds=round(wall, 1), peak_rss_mb=rss)
+                stats = dict(run_stats(run_dir, args.steps), wall_seconds=round(wall, 1), peak_rss_mb=rss)
                 model = Transformer.from_pretrained(base_dir)              # the base it trained on
                 qalora.load_adapters(model, run_dir / "adapter")
                 stats["unmerged_synth_loss"] = E.response_loss(model.eval(), syn_held_ex)
