@@ -525,7 +525,8 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--act-order", action="store_true", help="gptq act-order (implies static groups)")
+    p.add_argument("--act-order", action="store_true", help="gptq act-order (implies --static-groups)")
+    p.add_argument("--static-groups", action="store_true", help="gptq: group parameters fixed before the sweep")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output checkpoint directory")
@@ -545,6 +546,8 @@ def main(argv=None):
     if args.quant == "gptq":
         if args.calib is None:
             raise _error("--quant gptq needs --calib FILE (a text file to calibrate on)")
+        if args.nsamples < 1 or args.seq_len < 1:
+            raise _error(f"--nsamples {args.nsamples} and --seq-len {args.seq_len} must be at least 1")
         tok = tokenizer_lib.load_tokenizer(path)
         calib = data.calibration_windows(tok, args.calib, n=args.nsamples, seq_len=args.seq_len, seed=args.seed)
     torch.manual_seed(args.seed)
@@ -552,7 +555,7 @@ def main(argv=None):
     t0 = time.time()
     quantize_model(model, args.bits, args.group_size, method=args.quant, calib=calib, batch_size=args.batch_size,
                    **({"damp": args.damp, "block_size": args.block_size, "act_order": args.act_order,
-                       "static_groups": args.act_order} if args.quant == "gptq" else {}))
+                       "static_groups": args.static_groups or args.act_order} if args.quant == "gptq" else {}))
     seconds = time.time() - t0
     model.save_pretrained(args.out)  # also saves the source's tokenizer beside the weights
     print(json.dumps({"out": args.out, "bits": args.bits, "group_size": args.group_size, "method": args.quant,
