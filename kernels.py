@@ -312,6 +312,8 @@ def grouped(x, layer, pooled=None, compiled=True):
         # decode: one fused call keeps the per-layer overhead small (the pool is recomputed in-kernel)
         e, c, G, Kp = _layout(layer)
         bias = layer.bias.float() if layer.bias is not None else None
+        if Kp != K:  # pad outside the graph: a pad fused into the reduction's loads does not vectorize (4x slower)
+            x2 = F.pad(x2, (0, Kp - K))
         if x2.shape[0] > 1:  # one graph for every M in 2..GEMV_MAX_M (M = 1 gets its own, specialized)
             torch._dynamo.mark_dynamic(x2, 0)
         y = _run(_decode_step, compiled, x2, _planes(layer), layer.scales.float(), layer.biases.float(), bias,
