@@ -192,7 +192,8 @@ def n_targets(examples):
     return sum(len(ex.ids) - ex.n_prompt for ex in examples)
 
 # -----------------------------------------------------------------------------
-# built-in synthetic tasks: short prompts, short answers, generated from a seed
+# built-in synthetic tasks: short prompts (no "input" field: the shorter Alpaca template), short
+# answers, generated from a seed
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -204,13 +205,12 @@ def _addition(rng):
 
 def _reverse(rng):
     xs = [rng.choice(LETTERS) for _ in range(rng.randint(3, 5))]
-    return {"instruction": "Reverse the list.", "input": " ".join(xs), "output": " ".join(reversed(xs))}
+    return {"instruction": f"Reverse the list: {' '.join(xs)}", "input": "", "output": " ".join(reversed(xs))}
 
 
 def _sort(rng):
     xs = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 5))]
-    return {"instruction": "Sort the numbers in ascending order.", "input": " ".join(xs),
-            "output": " ".join(sorted(xs))}
+    return {"instruction": f"Sort in ascending order: {' '.join(xs)}", "input": "", "output": " ".join(sorted(xs))}
 
 
 def _count(rng):

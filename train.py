@@ -15,6 +15,7 @@ records with eval_* keys), checkpoint/ (adapter, optimizer, RNG states, data pos
 rename), adapter/, merged/ (the merged quantized checkpoint + tokenizer), merged.gguf.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -283,7 +284,8 @@ def main(argv=None):
     t_start = time.time()
     rank, world, local, device = setup_distributed()
     master = rank == 0
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
+    procs_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // procs_here))  # cores shared by processes
     say = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     say(f"train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     for name in ("batch_size", "grad_accum", "max_steps", "seq_len", "rank"):
@@ -321,8 +323,9 @@ def main(argv=None):
         calib = calibration(args, tok, train_ex) if qmethod == "gptq" else None
         quant.quantize_model(model, args.bits, args.group_size, method=qmethod, calib=calib, progress=master)
     model.to(device)
-    say(f"model: {path} ({sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()):,} "
-        f"tensors' elements), {args.bits}-bit group {args.group_size} via {qmethod}, loaded in {time.time() - t0:.1f}s")
+    a = model.args
+    say(f"model: {path}: {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size}; {args.bits}-bit group "
+        f"{args.group_size} via {qmethod} ({time.time() - t0:.1f}s)")
 
     # checkpoint to resume from (read by every rank)
     state = None
@@ -408,8 +411,7 @@ def main(argv=None):
             for m, mb in enumerate(micro):
                 tokens, labels = data.collate([train_ex[i] for i in mb], pad_id)
                 sync = world == 1 or m == len(micro) - 1
-                ctx = loss_mod.no_sync() if not sync else _nullcontext()
-                with ctx:
+                with loss_mod.no_sync() if not sync else contextlib.nullcontext():
                     loss_sum = step_fn(tokens.to(device), labels.to(device))
                     (loss_sum * (world / n_tgt)).backward()  # DDP averages over ranks: * world
                 total += loss_sum.detach().double().item()
@@ -512,14 +514,6 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
     return 0
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

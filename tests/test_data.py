@@ -157,6 +157,7 @@ def test_synthetic_deterministic_and_disjoint():
     assert a == b and a != c
     train, held = a
     assert len(train) == 300 and len(held) == 40
+    assert all(r["input"] == "" for r in train + held)
     keys = {(r["instruction"], r["input"]) for r in train}
     assert not keys & {(r["instruction"], r["input"]) for r in held}
     kinds = {r["instruction"].split()[0] for r in held}
@@ -171,9 +172,9 @@ def test_synthetic_answers_correct():
             a, b = ins[len("What is "):-1].split(" + ")
             assert int(out) == int(a) + int(b)
         elif ins.startswith("Reverse"):
-            assert out.split() == inp.split()[::-1]
+            assert out.split() == ins.split(": ")[1].split()[::-1]
         elif ins.startswith("Sort"):
-            assert out.split() == sorted(inp.split())
+            assert out.split() == sorted(ins.split(": ")[1].split())
         elif ins.startswith("How many"):
             ch, word = ins.split("'")[1], ins.split("'")[3]
             assert int(out) == word.count(ch)
