@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UserError
+from model import ArgumentParser, UserError
 
 
 @torch.no_grad()
@@ -479,7 +479,7 @@ def dequantize_for_eval(model):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a model: perplexity (--ppl), multiple choice and exact match "
+    p = ArgumentParser(description="Evaluate a model: perplexity (--ppl), multiple choice and exact match "
                                 "(--tasks); one JSON line per task.")
     p.add_argument("--model", default=None, help="HF dir, checkpoint dir or .gguf (default: embedded SmolLM2)")
     p.add_argument("--keep-quantized", action="store_true", help="GGUF: keep Q4_1 linears quantized")

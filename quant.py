@@ -36,7 +36,7 @@ def _error(msg):
     return UserError(msg)
 
 
-def _check(bits, group_size):
+def check_bits_group(bits, group_size):
     if bits not in BITS:
         raise _error(f"bits={bits!r} is not supported; use one of {BITS}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size > 0 or group_size == -1):
@@ -95,7 +95,7 @@ def _round(w, scales, biases, bits):
 def quantize(w, bits, group_size):
     """Min-max RTN. w [out, in] -> q uint8 [out, in], scales f32 [out, G], biases f32 [out, G],
     G = ceil(in / group_size) (group_size -1: G = 1)."""
-    _check(bits, group_size)
+    check_bits_group(bits, group_size)
     assert w.dim() == 2, f"quantize expects a 2-D weight [out, in], got shape {tuple(w.shape)}"
     w = w.detach().float()
     in_features = w.shape[1]
@@ -134,7 +134,7 @@ def packed_width(in_features, bits):
 
 def pack(q, bits):
     """q uint8 [out, in] with values < 2^bits -> packed uint8 [out, ceil(in*bits/8)]."""
-    _check(bits, 1)
+    check_bits_group(bits, 1)
     assert q.dim() == 2, f"pack expects codes [out, in], got shape {tuple(q.shape)}"
     out, in_features = q.shape
     q = q.to(torch.int32)
@@ -154,7 +154,7 @@ def pack(q, bits):
 
 def unpack(packed, bits, in_features):
     """Inverse of pack: packed uint8 [out, ceil(in*bits/8)] -> codes uint8 [out, in]."""
-    _check(bits, 1)
+    check_bits_group(bits, 1)
     out, nbytes = packed.shape
     assert nbytes == packed_width(in_features, bits), (
         f"packed width {nbytes} does not match in_features={in_features} at {bits} bits")
@@ -221,7 +221,7 @@ def gptq(w, H, bits, group_size, damp=0.01, block_size=128, act_order=False, sta
 
 
 def _gptq(w, H, bits, group_size, damp, block_size, act_order, static_groups):
-    _check(bits, group_size)
+    check_bits_group(bits, group_size)
     if act_order and not static_groups:
         raise _error("gptq: act_order=True needs static_groups=True (groups are stored as consecutive "
                      "columns, so their parameters must be fixed before the columns are permuted)")
@@ -295,7 +295,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features, out_features, bits, group_size, bias=False):
         super().__init__()
-        _check(bits, group_size)
+        check_bits_group(bits, group_size)
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group_size = effective_group_size(in_features, group_size)
         self.n_groups = len(group_sizes(in_features, group_size))
@@ -488,7 +488,7 @@ def _gptq_block(block, inputs, bits, group_size, **gptq_kw):
 def quantize_model(model, bits, group_size, method="rtn", calib=None, batch_size=8, progress=True, **gptq_kw):
     """In place: every nn.Linear but lm_head becomes a QuantLinear. method "rtn" (min-max) or
     "gptq" (calib: LongTensor [n, T] of token ids; gptq_kw go to `gptq`). Returns the model."""
-    _check(bits, group_size)
+    check_bits_group(bits, group_size)
     if method not in ("rtn", "gptq"):
         raise _error(f"quantization method {method!r} is unknown; use 'rtn' or 'gptq'")
     if method == "rtn":
@@ -515,7 +515,8 @@ def quantize_model(model, bits, group_size, method="rtn", calib=None, batch_size
 # CLI
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Quantize a model (min-max RTN or GPTQ) and save a quantized checkpoint.")
+    from model import ArgumentParser
+    p = ArgumentParser(description="Quantize a model (min-max RTN or GPTQ) and save a quantized checkpoint.")
     p.add_argument("--model", default=None, help="HF dir, .gguf, or checkpoint dir (default: embedded SmolLM2)")
     p.add_argument("--bits", type=int, default=4, choices=BITS)
     p.add_argument("--group-size", type=int, default=32, help="columns per group; -1 = whole rows")
@@ -538,7 +539,7 @@ def main(argv=None):
     import model as model_lib
     import tokenizer as tokenizer_lib
 
-    _check(args.bits, args.group_size)
+    check_bits_group(args.bits, args.group_size)
     path = args.model or model_lib.embedded_model_path()
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _error(f"--out {args.out} exists and is not empty; pass --overwrite or choose another directory")

@@ -32,13 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import Transformer, UserError, atomic_path, embedded_model_path, run_cli
+from model import ArgumentParser, Transformer, UserError, atomic_path, embedded_model_path, run_cli
 
 # -----------------------------------------------------------------------------
 # flags
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="QA-LoRA fine-tuning: quantize, train adapters, merge exactly, save.")
+    p = ArgumentParser(description="QA-LoRA fine-tuning: quantize, train adapters, merge exactly, save.")
     a = p.add_argument
     a("--model", default=None, help="HF LLaMA dir, .gguf file or project checkpoint (default: embedded SmolLM2-135M)")
     a("--data", default=None, help="Alpaca JSON/JSONL with instruction/input/output (default: built-in synthetic tasks)")
@@ -172,10 +172,10 @@ def seed_all(seed):
 # -----------------------------------------------------------------------------
 # the output folder
 
-def prepare_out(args, rank):
-    """Refuse a folder holding another run unless --overwrite; --resume needs its checkpoint."""
+def check_out(args):
+    """Refuse a folder holding another run unless --overwrite; --resume needs its checkpoint and the same
+    flags. Writes nothing: a run that fails on its inputs must not leave files that block the next one."""
     out = Path(args.out)
-    present = [f for f in RUN_FILES if (out / f).exists()]
     if args.resume:
         if not (out / "checkpoint" / "state.pt").is_file():
             raise UserError(f"--resume: no checkpoint in {out}/checkpoint; start a new run without --resume")
@@ -187,18 +187,25 @@ def prepare_out(args, rank):
             raise UserError(f"--resume: --{k.replace('_', '-')} was {old[k]!r} in the run in {out}, now {new.get(k)!r}; "
                             f"resume with the same flags")
         return out
-    if rank != 0:  # rank 0 checks and prepares the folder (the caller waits at a barrier)
-        return out
+    present = [f for f in RUN_FILES if (out / f).exists()]
     if present and not args.overwrite:
         raise UserError(f"{out} holds another run ({', '.join(present)}): pass --overwrite to replace it, "
                         f"--resume to continue it, or choose another --out")
+    return out
+
+
+def claim_out(args, rank):
+    """Once the inputs have loaded: clear the previous run (--overwrite) and record this run's flags."""
+    out = Path(args.out)
+    if args.resume or rank != 0:  # rank 0 prepares the folder (the caller waits at a barrier)
+        return
     import shutil
-    for f in present:
+    for f in RUN_FILES:
         p = out / f
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.exists():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    return out
 
 
 class Metrics:
@@ -293,13 +300,11 @@ def main(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_new_tokens < 1 or args.n_heldout < 1:
         raise UserError("--max-new-tokens and --n-heldout must be >= 1")
-    out = prepare_out(args, rank)
-    if world > 1:
-        dist.barrier()
-
     import merge
     import qalora
     import quant
+    quant.check_bits_group(args.bits, args.group_size)
+    out = check_out(args)
     from tokenizer import load_tokenizer
 
     # data
@@ -326,6 +331,9 @@ def main(argv=None):
     a = model.args
     say(f"model: {path}: {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size}; {args.bits}-bit group "
         f"{args.group_size} via {qmethod} ({time.time() - t0:.1f}s)")
+    claim_out(args, rank)
+    if world > 1:
+        dist.barrier()
 
     # checkpoint to resume from (read by every rank)
     state = None
