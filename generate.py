@@ -36,7 +36,7 @@ def generate(model, ids, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
         tokens, pos = torch.tensor([ids]), 0
         while len(ids) < total:
             if use_cache:
-                logits = model(tokens, start_pos=pos)[0, -1]                    # [vocab]
+                logits = model.lm_head(model.hidden_states(tokens, start_pos=pos)[0, -1])  # [vocab]: last position only
                 pos += tokens.shape[1]
             else:
                 logits = model(torch.tensor([ids]))[0, -1]
@@ -84,7 +84,8 @@ def generate_batch(model, prompts, max_new_tokens, eos_id=None) -> list[list[int
     try:
         pos = 0
         while pos + tokens.shape[1] <= total:
-            logits = model(tokens, start_pos=pos, pad_mask=pad_mask[:, :pos + tokens.shape[1]])[:, -1]  # [B, V]
+            h = model.hidden_states(tokens, start_pos=pos, pad_mask=pad_mask[:, :pos + tokens.shape[1]])[:, -1]
+            logits = model.lm_head(h)                                          # [B, V]: the head only where needed
             pos += tokens.shape[1]
             nxt = logits.argmax(-1)                                                                     # [B]
             for i in range(B):
