@@ -274,12 +274,7 @@ def export_mlx(model, out_dir, dtype=torch.float16):
         tmp.mkdir()
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        if model.source is not None:
-            import tokenizer as tokenizer_mod
-            try:
-                tokenizer_mod.load_tokenizer(model.source).save(tmp)
-            except UserError:
-                pass  # no tokenizer at the source: weights only
+        model.save_tokenizer(tmp)
     return out_dir
 
 

@@ -388,13 +388,18 @@ class Transformer(nn.Module):
                     index["weight_map"].update({k: name for k in shard})
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-            if self.source is not None:
-                import tokenizer as tokenizer_mod
-                try:
-                    tokenizer_mod.load_tokenizer(self.source).save(tmp)
-                except UserError:
-                    pass  # a source without a tokenizer: weights only
+            self.save_tokenizer(tmp)
         return Path(out_dir)
+
+    def save_tokenizer(self, out_dir):
+        """Save the tokenizer of the model this one was loaded from into out_dir, when it has one."""
+        if self.source is None:
+            return
+        import tokenizer as tokenizer_mod
+        try:
+            tokenizer_mod.load_tokenizer(self.source).save(out_dir)
+        except UserError:
+            pass  # a source without a tokenizer: weights only
 
 
 # ----------------------------------------------------------------------------------------------------
