@@ -55,3 +55,23 @@ def tiny_args():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --- helpers shared by the adapter and merge tests -------------------------------------------------
+
+def quantized_model(tiny_args, bits=4, group_size=32, seed=0, **kw):
+    """A random tiny model, RTN-quantized in place."""
+    import quant
+    from model import Transformer
+    torch.manual_seed(seed)
+    model = Transformer(tiny_args(**kw)).eval()
+    return quant.quantize_model(model, bits, group_size)
+
+
+def randomize_B(model, std=0.05, seed=1):
+    """Non-zero adapter B matrices (they start at zero), so merges have something to fold."""
+    from qalora import adapter_layers
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * std)

@@ -11,18 +11,7 @@ from kernels import pool_groups
 from model import Transformer, UserError
 from qalora import LoRALinear, QALoRALinear, add_adapters, adapter_layers, load_adapters, save_adapters
 
-
-def quantized_model(tiny_args, bits=4, group_size=32, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = Transformer(tiny_args(**kw)).eval()
-    return quant.quantize_model(model, bits, group_size)
-
-
-def randomize_B(model, std=0.05, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * std)
+from conftest import quantized_model, randomize_B  # noqa: E402
 
 
 def expand_columns(A, in_features, group_size):
