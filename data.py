@@ -37,15 +37,20 @@ def _check_record(rec, where):
     return {"instruction": rec["instruction"], "input": rec.get("input") or "", "output": rec["output"]}
 
 
-def load_records(path):
-    """Alpaca-format records from `path` (.json list or .jsonl), validated."""
+def _read_utf8(path, kind):
+    """The whole file as text; a missing file or bad UTF-8 is one clear UserError."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except FileNotFoundError:
-        raise UserError(f"data file not found: {path}")
+        raise UserError(f"{kind} file not found: {path}")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def load_records(path):
+    """Alpaca-format records from `path` (.json list or .jsonl), validated."""
+    text = _read_utf8(path, "data")
     is_jsonl = str(path).endswith((".jsonl", ".ndjson")) or not text.lstrip().startswith("[")
     records = []
     if is_jsonl:
@@ -344,13 +349,7 @@ def exact_match(model, tok, examples, max_new_tokens=12, batch_size=64):
 # plain text: calibration windows (quantization) and perplexity windows
 
 def read_text(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"text file not found: {path}")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    text = _read_utf8(path, "text")
     if not text.strip():
         raise UserError(f"{path}: empty text file")
     return text
