@@ -26,6 +26,7 @@ import torch.nn as nn
 
 import kernels
 import quant
+from model import ArgumentParser, UserError, run_cli
 
 SMOLLM_SHAPES = ["576x576", "576x192", "576x1536", "1536x576"]  # in x out: q/o, k/v, gate/up, down
 
@@ -81,8 +82,12 @@ def quant_bytes(layer, impl):
 
 
 def parse_shape(s):
-    k, n = s.lower().split("x")
-    return int(k), int(n)
+    """'576x1536' -> (576, 1536): in_features x out_features."""
+    try:
+        k, n = s.lower().split("x")
+        return int(k), int(n)
+    except ValueError:
+        raise UserError(f"--shapes: {s!r} is not INxOUT (e.g. 576x1536)")
 
 
 # -----------------------------------------------------------------------------
@@ -285,7 +290,7 @@ def targets(rows, decode):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the targets only (a few minutes)")
     p.add_argument("--shapes", default=None, help="comma-separated INxOUT (default 4096x4096 + SmolLM2's)")
     p.add_argument("--m", default=None, help="comma-separated row counts (default 1,16,512)")
@@ -306,10 +311,14 @@ def main():
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
         if torch.get_num_threads() != 1:
-            raise SystemExit("error: --clock cpu sums the CPU time of all threads: use it with --threads 1")
+            raise UserError("--clock cpu sums the CPU time of all threads: use it with --threads 1")
         global CLOCK
         CLOCK = time.process_time
-    ints = lambda s: [int(v) for v in s.split(",")]
+    def ints(s):
+        try:
+            return [int(v) for v in s.split(",")]
+        except ValueError:
+            raise UserError(f"expected comma-separated integers, got {s!r}")
     args.shapes = args.shapes.split(",") if args.shapes else (["4096x4096"] if args.quick else ["4096x4096"] + SMOLLM_SHAPES)
     args.m = ints(args.m) if args.m else ([1, 16] if args.quick else [1, 16, 512])
     args.bits = ints(args.bits) if args.bits else ([2, 3, 4] if args.quick else [2, 3, 4, 8])
@@ -337,9 +346,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        from model import run_cli
-    except ImportError:
-        main()
-    else:
-        run_cli(main)
+    run_cli(main)
