@@ -1,7 +1,9 @@
 """Tokenizers behind one small interface: encode(text, bos=None) -> ids, decode(ids) -> text, bos_id, eos_id.
 
 Two kinds:
-- sentencepiece `tokenizer.model` (LLaMA-2, llama2.c's stories models): adds BOS by default;
+- sentencepiece, from a `tokenizer.model` (LLaMA-2, llama2.c's stories models) or from the vocab, scores and
+  token types of a GGUF file whose tokenizer.ggml.model is "llama" (llama.cpp's LLaMA-2, TinyLlama, Mistral):
+  we rebuild the sentencepiece model those came from and let the sentencepiece package run it. Adds BOS by default;
 - byte-level BPE, from an HF `tokenizer.json` or from the vocab, merges and pre-tokenizer named in a GGUF
   file (`tokenizer.ggml.*`), run with the `tokenizers` package. SmolLM2's GGUF names the pre-tokenizer
   "smollm": digits are split one by one, then GPT-2's byte-level regex; and it says add_bos_token = false.
@@ -9,7 +11,7 @@ Two kinds:
 from __future__ import annotations
 
 import json
-import shutil
+import struct
 from pathlib import Path
 
 from model import UserError
@@ -37,17 +39,21 @@ class Tokenizer:
 
 
 class SentencePieceTokenizer(Tokenizer):
-    def __init__(self, path: Path):
+    """A sentencepiece model, from a tokenizer.model file or its serialized bytes (built from a GGUF vocab)."""
+
+    def __init__(self, model: Path | bytes, add_bos: bool = True, chat_template: str | None = None):
         import sentencepiece as spm
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+            self.proto = model if isinstance(model, bytes) else Path(model).read_bytes()
+            self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
         except (RuntimeError, OSError) as e:
-            raise UserError(f"cannot load sentencepiece model {path}: {e}") from None
-        self.path = Path(path)
+            what = "the sentencepiece model built from the GGUF vocab" if isinstance(model, bytes) else model
+            raise UserError(f"cannot load {what}: {e}") from None
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
-        self.add_bos = True
+        self.add_bos = add_bos
         self.vocab_size = self.sp.get_piece_size()
+        self.chat_template = chat_template
 
     def _encode(self, text):
         return self.sp.encode(text)
@@ -60,7 +66,13 @@ class SentencePieceTokenizer(Tokenizer):
         return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
 
     def save(self, out_dir):
-        shutil.copyfile(self.path, Path(out_dir) / "tokenizer.model")
+        out_dir = Path(out_dir)
+        (out_dir / "tokenizer.model").write_bytes(self.proto)
+        # what the .model cannot say (a GGUF's add_bos_token, chat template), as HF's LLaMA directories say it
+        tok_cfg = {"add_bos_token": self.add_bos}
+        if self.chat_template:
+            tok_cfg["chat_template"] = self.chat_template
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
 
 
 class BPETokenizer(Tokenizer):
@@ -110,18 +122,77 @@ def _pre_tokenizer(pre: str):
     raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, gpt2, llama-bpe)")
 
 
+# --- a sentencepiece model from a GGUF "llama" vocab --------------------------------------------------------
+# llama.cpp's "llama" (SPM) tokenizer is sentencepiece's BPE: merge the adjacent pair whose joined piece has the
+# highest score, fall back to <0xXX> byte pieces. So we write the sentencepiece ModelProto the vocab came from
+# and let sentencepiece run it: exact, and no protobuf dependency for these few fields of sentencepiece_model.proto.
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32s (pad_id = -1) are ten-byte two's complement varints
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
+
+
+def _pb(field: int, value) -> bytes:
+    """One protobuf field: str/bytes length-delimited, float as fixed32, int/bool as varint."""
+    if isinstance(value, str):
+        value = value.encode()
+    if isinstance(value, bytes):
+        return _varint(field << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):
+        return _varint(field << 3 | 5) + struct.pack("<f", value)
+    return _varint(field << 3) + _varint(int(value))
+
+
+def _sentencepiece_proto(r) -> bytes:
+    """ModelProto {pieces = 1, trainer_spec = 2, normalizer_spec = 3} from a GGUF reader's tokenizer.ggml.* keys."""
+    from model import gguf_field
+    g = lambda k, d=None: gguf_field(r, "tokenizer.ggml." + k, d)  # noqa: E731
+    tokens = g("tokens")
+    scores = g("scores") or [0.0] * len(tokens)
+    # llama.cpp's token types use sentencepiece's numbers (1 normal .. 6 byte); 0 (undefined) counts as normal
+    types = [t or 1 for t in g("token_type") or [1] * len(tokens)]
+    # SentencePiece {piece = 1, score = 2, type = 3}
+    pieces = b"".join(_pb(1, _pb(1, t) + _pb(2, float(sc)) + _pb(3, ty)) for t, sc, ty in zip(tokens, scores, types))
+    # TrainerSpec: model_type = 3 (BPE = 2), vocab_size = 4, byte_fallback = 35; sentencepiece finds
+    # bos/eos/unk/pad by piece name (bos_piece = 46 ...), so the names go beside the ids (bos_id = 41 ...)
+    trainer = _pb(3, 2) + _pb(4, len(tokens)) + _pb(35, 6 in types)
+    for id_field, piece_field, key in ((40, 45, "unknown_token_id"), (41, 46, "bos_token_id"),
+                                       (42, 47, "eos_token_id"), (43, 48, "padding_token_id")):
+        i = g(key)
+        if i is not None and 0 <= i < len(tokens):
+            trainer += _pb(id_field, i) + _pb(piece_field, tokens[i])
+    # NormalizerSpec as in LLaMA's tokenizer.model: name = 1, add_dummy_prefix = 3, remove_extra_whitespaces = 4,
+    # escape_whitespaces = 5 (spaces become U+2581); no precompiled charsmap, so no Unicode normalization.
+    # remove_extra_whitespaces is honoured when the file records it (the source model's setting; stories260K's is true)
+    normalizer = (_pb(1, "identity") + _pb(3, bool(g("add_space_prefix", True)))
+                  + _pb(4, bool(g("remove_extra_whitespaces", False))) + _pb(5, True))
+    return pieces + _pb(2, trainer) + _pb(3, normalizer)
+
+
 def _gguf_tokenizer(path: Path) -> Tokenizer:
     from gguf import GGUFReader
-    from tokenizers import AddedToken, Tokenizer as TK, decoders, models
     from model import gguf_field
     try:
         r = GGUFReader(str(path))
     except Exception as e:
         raise UserError(f"cannot read GGUF file {path}: {e}") from None
     kind = gguf_field(r, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UserError(f"{path}: GGUF tokenizer {kind!r} is not supported here (byte-level BPE 'gpt2' only); "
-                        f"pass a directory with tokenizer.model instead")
+    if kind not in ("gpt2", "llama") or not gguf_field(r, "tokenizer.ggml.tokens"):
+        raise UserError(f"{path}: GGUF tokenizer {kind!r} is not supported here (byte-level BPE 'gpt2' and "
+                        f"sentencepiece 'llama' only); pass a directory with tokenizer.model or tokenizer.json")
+    if kind == "llama":  # LLaMA's sentencepiece adds BOS unless the file says otherwise
+        add_bos = bool(gguf_field(r, "tokenizer.ggml.add_bos_token", True))
+        return SentencePieceTokenizer(_sentencepiece_proto(r), add_bos, gguf_field(r, "tokenizer.chat_template"))
+    return _gguf_bpe_tokenizer(r)
+
+
+def _gguf_bpe_tokenizer(r) -> Tokenizer:
+    from tokenizers import AddedToken, Tokenizer as TK, decoders, models
+    from model import gguf_field
     tokens = gguf_field(r, "tokenizer.ggml.tokens")
     merges = gguf_field(r, "tokenizer.ggml.merges") or []
     types = gguf_field(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -158,17 +229,24 @@ def _hf_json_tokenizer(d: Path) -> Tokenizer:
     return BPETokenizer(tk, bos, eos, add_bos, cfg.get("chat_template"))
 
 
+def _sentencepiece_file(path: Path) -> Tokenizer:
+    """A tokenizer.model, with add_bos_token and the chat template from a tokenizer_config.json beside it."""
+    cfg = json.loads((path.parent / "tokenizer_config.json").read_text()) \
+        if (path.parent / "tokenizer_config.json").is_file() else {}
+    return SentencePieceTokenizer(path, bool(cfg.get("add_bos_token", True)), cfg.get("chat_template"))
+
+
 def load_tokenizer(path) -> Tokenizer:
     """A tokenizer from a model directory (tokenizer.model or tokenizer.json) or a GGUF file."""
     path = Path(path)
     if path.is_file():
         if path.suffix == ".model":
-            return SentencePieceTokenizer(path)
+            return _sentencepiece_file(path)
         if path.suffix == ".json":
             return _hf_json_tokenizer(path.parent)
         return _gguf_tokenizer(path)
     if (path / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(path / "tokenizer.model")
+        return _sentencepiece_file(path / "tokenizer.model")
     if (path / "tokenizer.json").is_file():
         return _hf_json_tokenizer(path)
     raise UserError(f"no tokenizer found at {path} (expected tokenizer.model, tokenizer.json or a .gguf file)")
