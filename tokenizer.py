@@ -216,9 +216,7 @@ def _hf_json_tokenizer(d: Path) -> Tokenizer:
         tk = TK.from_file(str(d / "tokenizer.json"))
     except Exception as e:
         raise UserError(f"cannot load {d / 'tokenizer.json'}: {e}") from None
-    cfg = {}
-    if (d / "tokenizer_config.json").is_file():
-        cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg = _tokenizer_config(d)
     name = lambda t: t if isinstance(t, str) or t is None else t.get("content")  # noqa: E731
     bos = tk.token_to_id(name(cfg.get("bos_token"))) if name(cfg.get("bos_token")) else None
     eos = tk.token_to_id(name(cfg.get("eos_token"))) if name(cfg.get("eos_token")) else None
@@ -229,10 +227,23 @@ def _hf_json_tokenizer(d: Path) -> Tokenizer:
     return BPETokenizer(tk, bos, eos, add_bos, cfg.get("chat_template"))
 
 
+def _tokenizer_config(d: Path) -> dict:
+    """d/tokenizer_config.json (HF: add_bos_token, bos/eos tokens, chat template), {} when absent."""
+    f = d / "tokenizer_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{f}: expected a JSON object")
+    return cfg
+
+
 def _sentencepiece_file(path: Path) -> Tokenizer:
     """A tokenizer.model, with add_bos_token and the chat template from a tokenizer_config.json beside it."""
-    cfg = json.loads((path.parent / "tokenizer_config.json").read_text()) \
-        if (path.parent / "tokenizer_config.json").is_file() else {}
+    cfg = _tokenizer_config(path.parent)
     return SentencePieceTokenizer(path, bool(cfg.get("add_bos_token", True)), cfg.get("chat_template"))
 
 

@@ -173,3 +173,11 @@ def test_gguf_exported_by_merge_loads_the_source_tokenizer(tiny_args, stories_di
     assert len(single_spaced) >= 8
     assert_same_as(tok, sp, single_spaced)
     assert tok.encode("Once upon a time") == json.loads((stories_dir / "greedy.json").read_text())["prompt_ids"]
+
+
+def test_corrupt_tokenizer_config_is_one_error(tmp_path, stories_dir):
+    import shutil
+    shutil.copyfile(stories_dir / "tokenizer.model", tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="tokenizer_config.json: not valid JSON"):
+        load_tokenizer(tmp_path)
