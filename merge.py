@@ -193,6 +193,10 @@ def _tokenizer_metadata(writer, src):
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
+        if not bpe:  # the normalizer settings a sentencepiece vocab needs, read off the model's behaviour
+            sp = vocab.sentencepiece_tokenizer
+            writer.add_add_space_prefix(sp.encode_as_pieces("a")[0].startswith("\u2581"))
+            writer.add_remove_extra_whitespaces(sp.encode("a  b") == sp.encode("a b"))
         SpecialVocab(src, load_merges=bpe, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
         return
 
