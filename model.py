@@ -157,7 +157,7 @@ class ModelArgs:
         known = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
                  "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
                  "max_position_embeddings", "tie_word_embeddings", "head_dim", "bos_token_id", "eos_token_id",
-                 "quantization", "architectures", "model_type", "torch_dtype", "dtype"}
+                 "quantization", "architectures", "model_type", "torch_dtype", "dtype", "gguf_source"}
         return cls(
             dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
             n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
@@ -362,6 +362,11 @@ class Transformer(nn.Module):
         if self.quantization is not None:
             cfg["quantization"] = dict(self.quantization)
         cfg["torch_dtype"] = str(next(self.parameters()).dtype).replace("torch.", "")
+        if self.gguf_path is not None and Path(self.gguf_path).is_file():
+            # remembered so a later GGUF export can copy the source's untouched tensors (the Q8_0 embedding)
+            # and metadata again; merge.export_gguf still checks each tensor before copying its bytes
+            src = Path(self.gguf_path).resolve()
+            cfg["gguf_source"] = {"path": str(src), "bytes": src.stat().st_size}
         tensors = {}
         for k, v in self.state_dict().items():
             if self.args.tie_embeddings and k == "lm_head.weight":
@@ -501,7 +506,18 @@ def _load_hf_dir(path: Path, dtype) -> Transformer:
         _swap_for_quantized(model, quant)
     _assign_state_dict(model, sd, dtype, str(path))
     model.quantization = quant
+    model.gguf_path = _gguf_source(cfg)
     return model
+
+
+def _gguf_source(cfg: dict):
+    """The GGUF file a saved checkpoint came from, if it is still there unchanged in size; else None."""
+    src = cfg.get("gguf_source")
+    try:
+        p = Path(src["path"])
+        return str(p) if p.is_file() and p.stat().st_size == int(src["bytes"]) else None
+    except (TypeError, KeyError, ValueError, OSError):
+        return None
 
 
 def _swap_for_quantized(model: Transformer, quant: dict):

@@ -193,12 +193,19 @@ def test_gguf_round_trip(tiny_args, tmp_path, group_size, tie, capsys):
         assert rel_err(reloaded(ids), model(ids)) < 1e-2
 
 
+@pytest.mark.parametrize("via_checkpoint", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gguf_reexport_without_changes_is_byte_identical(tiny_args, tmp_path, dtype):
-    """GGUF -> load (codes kept, any dtype) -> export: every tensor's bytes come back unchanged."""
+def test_gguf_reexport_without_changes_is_byte_identical(tiny_args, tmp_path, dtype, via_checkpoint):
+    """GGUF -> load (codes kept, any dtype) [-> save_pretrained -> load] -> export: every tensor's bytes
+    come back unchanged. A saved checkpoint remembers its GGUF source, so in bfloat16 the F32 norms and
+    embedding are still copied from the source rather than re-encoded from the bfloat16 copies."""
     from gguf import GGUFReader
     first = export_gguf(merged_model(tiny_args, 4, 32), tmp_path / "a.gguf")
-    second = export_gguf(Transformer.from_pretrained(first, dtype=dtype, keep_quantized=True), tmp_path / "b.gguf")
+    model = Transformer.from_pretrained(first, dtype=dtype, keep_quantized=True)
+    if via_checkpoint:
+        model = Transformer.from_pretrained(model.save_pretrained(tmp_path / "ckpt"), dtype=dtype)
+        assert model.gguf_path == str(first.resolve())
+    second = export_gguf(model, tmp_path / "b.gguf")
     a, b = GGUFReader(str(first)), GGUFReader(str(second))
     assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]
     for x, y in zip(a.tensors, b.tensors):
