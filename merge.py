@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 import quant
-from model import ArgumentParser, Transformer, UserError, atomic_path, ours_to_gguf, permute_qk, run_cli
+from model import (ArgumentParser, Transformer, UserError, atomic_path, gguf_reader, ours_to_gguf, permute_qk,
+                   run_cli)
 from qalora import LoRALinear, QALoRALinear, adapter_layers, load_adapters, read_adapter_config
 
 
@@ -205,9 +206,9 @@ def export_gguf(model, path):
     """Write a merged 4-bit model as a llama.cpp GGUF: Q4_1 linears; from a GGUF source every tensor
     the merge did not change (norms, the Q8_0 embedding/head, rope_freqs) is copied byte for byte and
     all metadata (tokenizer, chat template) is carried over; float sources get F32 and llama metadata."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFValueType, GGUFWriter
     ours = _gguf_tensors(model)
-    src = GGUFReader(model.gguf_path) if model.gguf_path else None
+    src = gguf_reader(model.gguf_path) if model.gguf_path else None
     with atomic_path(path) as tmp:
         writer = GGUFWriter(str(tmp), "llama")
         if src is not None:

@@ -648,10 +648,33 @@ def _is_gguf(path: Path) -> bool:
 
 def gguf_field(reader, key, default=None):
     f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
+    return default if f is None else f.contents()
+
+
+_gguf_readers = {}
+
+
+def gguf_reader(path):
+    """The gguf package's reader for `path`, kept for the last file read: the model loader and the
+    tokenizer both need it and parsing SmolLM2's 49K-token vocabulary takes seconds. Keyed by path, inode,
+    size, times and a hash of the first and last 64 KB (all of a small file: timestamps alone can miss a
+    same-size rewrite within one clock tick), so a rewritten file is read again. Corrupt: one UserError."""
+    import hashlib
+    from gguf import GGUFReader
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        f.seek(max(st.st_size - (1 << 16), len(head)))
+        digest = hashlib.sha1(head + f.read()).hexdigest()
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
+    if key not in _gguf_readers:
+        try:
+            reader = GGUFReader(str(path))
+        except Exception as e:  # the reader raises ValueError/struct errors/IndexError on corrupt files
+            raise UserError(f"cannot read GGUF file {path}: {e}") from None
+        _gguf_readers.clear()
+        _gguf_readers[key] = reader
+    return _gguf_readers[key]
 
 
 def _load_gguf(path: Path, dtype, keep_quantized: bool) -> Transformer:
@@ -662,11 +685,8 @@ def _load_gguf(path: Path, dtype, keep_quantized: bool) -> Transformer:
 
 
 def _load_gguf_tensors(path: Path, dtype, keep_quantized: bool) -> Transformer:
-    from gguf import GGMLQuantizationType as QT, GGUFReader
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/struct errors/IndexError on corrupt files
-        raise UserError(f"cannot read GGUF file {path}: {e}") from None
+    from gguf import GGMLQuantizationType as QT
+    reader = gguf_reader(path)
     arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise UserError(f"{path}: architecture {arch!r} is not supported (only 'llama')")

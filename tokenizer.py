@@ -174,12 +174,8 @@ def _sentencepiece_proto(r) -> bytes:
 
 
 def _gguf_tokenizer(path: Path) -> Tokenizer:
-    from gguf import GGUFReader
-    from model import gguf_field
-    try:
-        r = GGUFReader(str(path))
-    except Exception as e:
-        raise UserError(f"cannot read GGUF file {path}: {e}") from None
+    from model import gguf_field, gguf_reader
+    r = gguf_reader(path)
     kind = gguf_field(r, "tokenizer.ggml.model")
     if kind not in ("gpt2", "llama") or not gguf_field(r, "tokenizer.ggml.tokens"):
         raise UserError(f"{path}: GGUF tokenizer {kind!r} is not supported here (byte-level BPE 'gpt2' and "
