@@ -12,7 +12,8 @@ layers are cycled through copies whose total size exceeds twice the last-level c
 measure memory, not cache. "x dense" is the speed-up over fp32 dense (higher is better); "/ native" is
 time relative to PyTorch's int4 kernel on the same shape (lower is better; 4 bits only).
 Step rows: forward + backward (input gradient and adapter gradients) of a QA-LoRA layer vs a dense
-fp32 LoRA layer of the same shape (rank 16). Decode rows: greedy tokens/s of SmolLM2-135M.
+fp32 LoRA layer of the same shape (rank 16). Decode rows: greedy tokens/s of SmolLM2-135M, with
+compiled decode steps (generate.py's default) and eager ones ("eager"); the targets use the compiled.
 """
 import argparse
 import copy
@@ -232,12 +233,14 @@ def bench_decode(args, out):
     for name, dtype, keep in (("float32", torch.float32, False), ("4-bit fp32 act", torch.float32, True),
                               ("4-bit bf16 act", torch.bfloat16, True)):
         model = Transformer.from_pretrained(path, dtype=dtype, keep_quantized=keep)
-        generate(model, prompt, 4)  # warm-up (compiles)
-        t0 = CLOCK()
-        new = generate(model, prompt, n)
-        dt = CLOCK() - t0
-        out[name] = len(new) / dt
-        print(f"decode {name:<16} {out[name]:8.1f} tokens/s ({len(new)} tokens)", flush=True)
+        for compile in (False, True):  # eager steps, then compiled ones (generate.py's default)
+            key = name if compile else name + " eager"
+            generate(model, prompt, 4, compile=compile)  # warm-up (compiles)
+            t0 = CLOCK()
+            new = generate(model, prompt, n, compile=compile)
+            dt = CLOCK() - t0
+            out[key] = len(new) / dt
+            print(f"decode {key:<22} {out[key]:8.1f} tokens/s ({len(new)} tokens)", flush=True)
         del model
     if args.vs_llamacpp:
         try:
@@ -251,7 +254,7 @@ def bench_decode(args, out):
         r = llm("Once upon a time", max_tokens=n, temperature=0.0)
         dt = CLOCK() - t0
         out["llama.cpp"] = r["usage"]["completion_tokens"] / dt
-        print(f"decode {'llama.cpp Q4_1':<16} {out['llama.cpp']:8.1f} tokens/s", flush=True)
+        print(f"decode {'llama.cpp Q4_1':<22} {out['llama.cpp']:8.1f} tokens/s", flush=True)
 
 
 # -----------------------------------------------------------------------------

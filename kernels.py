@@ -362,19 +362,24 @@ def _native_scales_zeros(layer):
     return _cached(layer, "native_sz", (layer.scales, layer.biases), build)
 
 
+def _native_mm(x2, layer):
+    """x2 [M, in] -> y [M, out] through the bf16 int4 kernel (no layer.bias), in x2's dtype."""
+    xb = x2.to(torch.bfloat16)
+    w, sz = _native_weight(layer), _native_scales_zeros(layer)
+    if x2.device.type == "cuda":
+        y = torch.ops.aten._weight_int4pack_mm(xb, w, layer.group_size, sz)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, layer.group_size, sz)
+    return y.to(x2.dtype)  # [M, out]
+
+
 class _NativeMatmul(torch.autograd.Function):
     """x2 [M, in] -> bf16 int4 matmul [M, out] (no layer.bias); backward in f32 via the grouped form."""
 
     @staticmethod
     def forward(ctx, x2, layer):
         ctx.layer = layer
-        xb = x2.to(torch.bfloat16)
-        w, sz = _native_weight(layer), _native_scales_zeros(layer)
-        if x2.device.type == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(xb, w, layer.group_size, sz)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, layer.group_size, sz)
-        return y.to(x2.dtype)  # [M, out]
+        return _native_mm(x2, layer)
 
     @staticmethod
     def backward(ctx, gy):
@@ -386,7 +391,7 @@ def native(x, layer):
         f"native int4 kernel needs bits=4, group_size in {NATIVE_GROUPS} dividing in_features and out_features % 16 "
         f"== 0; got bits={layer.bits}, group_size={layer.group_size}, in={layer.in_features}, out={layer.out_features}")
     x2 = x.reshape(-1, layer.in_features)
-    y = _NativeMatmul.apply(x2, layer)
+    y = _NativeMatmul.apply(x2, layer) if torch.is_grad_enabled() and x2.requires_grad else _native_mm(x2, layer)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features)
@@ -409,6 +414,9 @@ def qmatmul(x, layer, impl="auto", pooled=None):
     computed once by QA-LoRA's adapter and shared with the bias term of the grouped paths."""
     assert x.shape[-1] == layer.in_features, (
         f"qmatmul: input width {x.shape[-1]} does not match layer in_features={layer.in_features}")
+    plan = layer.__dict__.get("_frozen")
+    if plan is not None and torch.compiler.is_compiling():
+        return _frozen_matmul(x, layer, plan)
     if impl == "auto":
         impl = choose_impl(x, layer)
     if impl == "reference":
@@ -422,6 +430,65 @@ def qmatmul(x, layer, impl="auto", pooled=None):
     if impl == "triton":
         return triton_qmatmul(x, layer)
     raise ValueError(f"qmatmul: unknown impl {impl!r}; use one of {IMPLS}")
+
+
+# -----------------------------------------------------------------------------
+# frozen plans: a whole decode step as one torch.compile graph (generate.py)
+#
+# The caches above are keyed on data_ptr/_version, which torch.compile cannot trace: every lookup would
+# split a model-wide graph in two (~200 pieces for SmolLM2). `freeze(model, dtype)` therefore resolves,
+# eagerly, what each QuantLinear runs for a small-M input of that dtype and the derived tensors it needs,
+# and stores them on the layer; inside a compiled region qmatmul then reads only tensors and Python
+# constants. Scales and biases are read from the layer's buffers where the math allows it, so an in-place
+# merge is seen; the native path's bf16 scale-and-zero copy is derived, so freeze again after changing the
+# model (generate() freezes before every generation: cheap, and when nothing changed the same tensors come
+# back and the compiled graph is reused). Eager calls ignore the plans.
+
+def _plan(layer, dtype):
+    x = torch.empty(1, layer.in_features, dtype=dtype, device=layer.qweight.device)
+    impl = layer.impl if layer.impl != "auto" else choose_impl(x, layer)
+    if impl == "native":
+        return ("native", _native_weight(layer), _native_scales_zeros(layer))
+    if impl in ("compiled", "eager"):
+        return ("gemv", _planes(layer)) + _layout(layer)
+    return (impl,)  # reference/triton: called as usual
+
+
+def freeze(model, dtype):
+    """Store every QuantLinear's decode plan for activations of `dtype` (see above)."""
+    import quant
+    for m in model.modules():
+        if isinstance(m, quant.QuantLinear):
+            m.__dict__["_frozen"] = _plan(m, dtype)
+
+
+def unfreeze(model):
+    for m in model.modules():
+        m.__dict__.pop("_frozen", None)
+
+
+def _frozen_matmul(x, layer, plan):
+    x2 = x.reshape(-1, layer.in_features)
+    if plan[0] == "native":
+        _, w, sz = plan
+        op = torch.ops.aten._weight_int4pack_mm if x.device.type == "cuda" else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = op(x2.to(torch.bfloat16), w, layer.group_size, sz).to(x.dtype)
+        if layer.bias is not None:
+            y = y + layer.bias.to(y.dtype)
+    elif plan[0] == "gemv":
+        _, P, e, c, G, Kp = plan
+        bias = layer.bias.float() if layer.bias is not None else None
+        xp = _x_planes(x2.float(), c, G, Kp)
+        scales, biases = layer.scales.float(), layer.biases.float()
+        if xp.shape[0] <= GEMV_MAX_M:
+            y = _decode_step(xp, P, scales, biases, bias, e, c)
+        else:  # a batch of decode rows (generate_batch): dequantize scales * q, then BLAS
+            y = xp.view(-1, Kp) @ _dequant_sq(P, scales, e, c).T + xp.sum(dim=(2, 3)) @ biases.T
+            y = y + bias if bias is not None else y
+        y = y.to(x.dtype)
+    else:
+        return qmatmul(x, layer, plan[0]) if plan[0] != "auto" else reference(x, layer)
+    return y.reshape(*x.shape[:-1], layer.out_features)
 
 
 # -----------------------------------------------------------------------------

@@ -299,8 +299,10 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)                              # [T, hd]
         return emb.cos(), emb.sin()
 
-    def hidden_states(self, tokens, start_pos=None, pad_mask=None):
-        """Final-normed hidden states [B, T, dim] (the head is applied by forward)."""
+    def hidden_states(self, tokens, start_pos=None, pad_mask=None, block_fn=None):
+        """Final-normed hidden states [B, T, dim] (the head is applied by forward). `block_fn(layer, h, cos,
+        sin, start_pos, mask)`, if given, runs each block instead of calling it (generate.py passes a
+        torch.compile'd one for decode steps)."""
         B, T = tokens.shape
         s0 = 0 if start_pos is None else start_pos
         if s0 + T > self.args.max_seq_len:
@@ -320,6 +322,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)
+            elif block_fn is not None:
+                h = block_fn(layer, h, cos, sin, start_pos, mask)
             else:
                 h = layer(h, cos, sin, start_pos, mask)
         return self.norm(h)
