@@ -23,11 +23,12 @@ from model import ArgumentParser, Transformer, UserError, embedded_model_path, r
 #
 # Run eagerly, a one-token step of SmolLM2 is ~1,400 small PyTorch calls (30 blocks x 7 linears, norms,
 # RoPE, attention): the Python and dispatch overhead of each (~5-40 us) costs more than the arithmetic.
-# With compile=True each block of a decode step is one torch.compile graph (shapes dynamic, so the
-# growing KV cache does not recompile; all blocks share it, so it compiles once, in ~5 s, and torch
-# caches it on disk for later processes). kernels.freeze resolves each QuantLinear's kernel and
-# derived tensors beforehand, since the kernels' caches cannot be traced. The prompt (prefill) runs
-# eagerly. Greedy tokens equal the eager ones (tests/test_generate.py).
+# With compile=True each block of a decode step is one torch.compile graph, shared by all blocks (they
+# have the same shapes), so it compiles once (~5 s; torch caches it on disk for later processes). Shapes
+# are static except the KV cache length, which becomes dynamic at its first change (two recompiles, then
+# none). kernels.freeze resolves each QuantLinear's kernel and derived tensors beforehand, since the
+# kernels' caches cannot be traced. The prompt (prefill) runs eagerly. In fp32 the greedy tokens equal
+# the eager ones; in bf16 they differ by rounding (tests/test_generate.py).
 
 _block_step = None
 
@@ -42,7 +43,7 @@ def compiled_block_fn():
     if _block_step is None:
         def block_step(layer, h, cos, sin, start_pos, mask):
             return layer(h, cos, sin, start_pos, mask)
-        _block_step = torch.compile(block_step, dynamic=True)
+        _block_step = torch.compile(block_step, dynamic=None)
     return _block_step
 
 

@@ -244,7 +244,7 @@ class Attention(nn.Module):
             self.cache_v[:B, :, start_pos:start_pos + T] = v
             k = self.cache_k[:B, :, :start_pos + T]                                    # [B, KV, S, hd]
             v = self.cache_v[:B, :, :start_pos + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -310,8 +310,8 @@ class Transformer(nn.Module):
         h = self.embed_tokens(tokens)                                        # [B, T, dim]
         cos, sin = self.rope(torch.arange(s0, s0 + T, device=tokens.device))
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
-        mask = None
-        if start_pos is not None or pad_mask is not None:
+        mask = None  # None: causal within these T tokens, or, for one token, everything in the cache
+        if (start_pos is not None and T > 1) or pad_mask is not None:
             S = s0 + T
             q_pos = torch.arange(s0, S, device=tokens.device)
             mask = torch.arange(S, device=tokens.device)[None, :] <= q_pos[:, None]  # [T, S] causal

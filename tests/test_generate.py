@@ -76,3 +76,14 @@ def test_compiled_decode_sees_biases_changed_in_place(stories_dir, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (after - eager).norm() / eager.norm() < tol
     assert not any("_frozen" in m.__dict__ for m in model.modules())  # the session left nothing behind
+
+
+def test_compiled_decode_with_unmerged_adapters(stories_dir):
+    from qalora import add_adapters
+    from conftest import randomize_B
+    model = stories(stories_dir, 4, 32)
+    add_adapters(model, rank=2, alpha=4)
+    randomize_B(model, std=0.3)
+    model.eval()
+    ids = load_tokenizer(stories_dir).encode("Once upon a time")
+    assert generate(model, ids, 32, compile=True) == generate(model, ids, 32)
