@@ -16,7 +16,9 @@ One dispatch function, `qmatmul(x, layer, impl)`, with explicit choices:
   gradient flows back through that pool. For M <= GEMV_MAX_M rows the first term is one fused
   reduction over the packed codes (decode; without autograd the whole layer, bias term included, is
   one graph); for more rows it dequantizes `scales * q` a chunk of rows at a time and calls the BLAS
-  matmul (prefill, training). All float32: equal to reference to ~1e-6 relative. The biases and
+  matmul (prefill, training). Without autograd, a layer small enough to dequantize at once
+  (out x in <= CHUNK_NUMEL: all of SmolLM2's) is one graph for any M too, to cut the per-call
+  overhead that dominates such layers at M=16. All float32: equal to reference to ~1e-6 relative. The biases and
   scales are read fresh every call (merge.py rewrites the biases); only a code layout is cached.
   If compiling fails (no C++ compiler, an inductor bug) it warns once and runs the same code eagerly.
 - "eager": the same grouped code without torch.compile (what auto uses for tiny layers).
@@ -306,20 +308,32 @@ def _decode_step(xp, P, scales, biases, bias, e: int, c: int):
     return y + bias if bias is not None else y
 
 
+def _dequant_step(xp, P, scales, biases, bias, e: int, c: int):
+    """The whole forward for more rows, no autograd, the layer dequantized at once (small layers):
+    y = x_planes @ (scales * q)^T + group sums @ biases^T (+ bias), one graph around the BLAS call."""
+    M, ng, _, Gc = xp.shape
+    y = xp.reshape(M, ng * c * Gc) @ _dequant_sq(P, scales, e, c).T + xp.sum(dim=(2, 3)) @ biases.T  # [M, out]
+    return y + bias if bias is not None else y
+
+
 def grouped(x, layer, pooled=None, compiled=True):
     """The grouped formulation (the "compiled" impl; compiled=False runs the same code eagerly)."""
     K = layer.in_features
     x2 = x.reshape(-1, K).float()  # [M, in]
-    if x2.shape[0] <= GEMV_MAX_M and not (torch.is_grad_enabled() and x2.requires_grad):
-        # decode: one fused call keeps the per-layer overhead small (the pool is recomputed in-kernel)
-        e, c, G, Kp = _layout(layer)
+    M = x2.shape[0]
+    e, c, G, Kp = _layout(layer)
+    one_chunk = layer.out_features * Kp <= CHUNK_NUMEL
+    if (M <= GEMV_MAX_M or one_chunk) and not (torch.is_grad_enabled() and x2.requires_grad):
+        # no autograd and few rows (decode) or a small layer: the whole layer is one compiled call, which
+        # keeps the per-call overhead small (the pool is recomputed in the graph)
         bias = layer.bias.float() if layer.bias is not None else None
-        # the input planes are built outside the graph: fused into the reduction, their strided loads
+        # the input planes are built outside the graph: fused into the GEMV reduction, their strided loads
         # become a scalar gather repeated for every output row (4096x4096, 4 bits, 1 thread: 1.64 -> 1.38 ms)
         xp = _x_planes(x2, c, G, Kp)  # [M, ng, c, G/c]
-        if xp.shape[0] > 1:  # one graph for every M in 2..GEMV_MAX_M (M = 1 gets its own, specialized)
+        if M > 1:  # one graph for every M in 2..GEMV_MAX_M and one for more (M = 1 gets its own, specialized)
             torch._dynamo.mark_dynamic(xp, 0)
-        y = _run(_decode_step, compiled, xp, _planes(layer), layer.scales.float(), layer.biases.float(), bias, e, c)
+        step = _decode_step if M <= GEMV_MAX_M else _dequant_step
+        y = _run(step, compiled, xp, _planes(layer), layer.scales.float(), layer.biases.float(), bias, e, c)
         return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
     y = _GroupedScaleMatmul.apply(x2, layer, compiled)  # [M, out]: sum_g scales_g * x_g @ q_g^T
     if pooled is None:
@@ -498,12 +512,8 @@ def _frozen_matmul(x, layer, plan):
         bias = layer.bias.float() if layer.bias is not None else None
         xp = F.pad(x2.float(), (0, Kp - layer.in_features)).view(-1, Kp // G, c, G // c)  # a view: no transpose
         scales, biases = layer.scales.float(), layer.biases.float()
-        if xp.shape[0] <= GEMV_MAX_M:
-            y = _decode_step(xp, P, scales, biases, bias, e, c)
-        else:  # a batch of decode rows (generate_batch): dequantize scales * q, then BLAS
-            y = xp.view(-1, Kp) @ _dequant_sq(P, scales, e, c).T + xp.sum(dim=(2, 3)) @ biases.T
-            y = y + bias if bias is not None else y
-        y = y.to(x.dtype)
+        step = _decode_step if xp.shape[0] <= GEMV_MAX_M else _dequant_step  # more rows: generate_batch
+        y = step(xp, P, scales, biases, bias, e, c).to(x.dtype)
     else:
         return qmatmul(x, layer, plan[0]) if plan[0] != "auto" else reference(x, layer)
     return y.reshape(*x.shape[:-1], layer.out_features)

@@ -39,7 +39,7 @@ def test_compiled_quantized_decode_equals_eager(stories_dir, bits, group_size):
     ids = load_tokenizer(stories_dir).encode("Once upon a time")
     assert generate(model, ids, 48, compile=True) == generate(model, ids, 48)
     ids = ids + generate(model, ids, 8)
-    torch.testing.assert_close(step_logits(model, ids, True), step_logits(model, ids, False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step_logits(model, ids, True), step_logits(model, ids, False), rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_bf16_native_decode_within_tolerance(stories_dir):
