@@ -43,7 +43,7 @@ def compiled_block_fn():
     if _block_step is None:
         def block_step(layer, h, cos, sin, start_pos, mask):
             return layer(h, cos, sin, start_pos, mask)
-        _block_step = torch.compile(block_step, dynamic=None)
+        _block_step = kernels.compile_fn(block_step, dynamic=None)  # None: dims become dynamic when they change
     return _block_step
 
 

@@ -212,13 +212,18 @@ def _maybe_compiled(fn, compiled):
     if not compiled or not COMPILE or _compile_failed:
         return fn
     if fn not in _compiled_fns:
-        import torch._dynamo
-        # one graph per layer shape (static shapes vectorize best); a model has a handful of shapes
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        if hasattr(torch._dynamo.config, "recompile_limit"):
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        _compiled_fns[fn] = torch.compile(fn, dynamic=False)
+        _compiled_fns[fn] = compile_fn(fn, dynamic=False)
     return _compiled_fns[fn]
+
+
+def compile_fn(fn, dynamic):
+    """torch.compile(fn) allowing one graph per shape: static shapes vectorize best, and a model has a
+    handful of layer shapes (generate.py compiles its decode block with this too)."""
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    return torch.compile(fn, dynamic=dynamic)
 
 
 def _run(fn, compiled, *args):
