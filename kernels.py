@@ -473,7 +473,7 @@ def _plan(layer, dtype):
         return ("native", _native_weight(layer), _native_scales_zeros(layer))
     if impl in ("compiled", "eager"):
         return ("gemv", _natural_planes(layer)) + _layout(layer)
-    return (impl,)  # reference/triton: called as usual
+    return None  # reference/triton cache nothing: qmatmul calls them as usual
 
 
 def freeze(model, dtype):
@@ -481,7 +481,10 @@ def freeze(model, dtype):
     import quant
     for m in model.modules():
         if isinstance(m, quant.QuantLinear):
-            m.__dict__["_frozen"] = _plan(m, dtype)
+            m.__dict__.pop("_frozen", None)
+            plan = _plan(m, dtype)
+            if plan is not None:
+                m.__dict__["_frozen"] = plan
 
 
 def unfreeze(model):
@@ -519,8 +522,6 @@ def _frozen_matmul(x, layer, plan):
         scales, biases = layer.scales.float(), layer.biases.float()
         step = _decode_step if xp.shape[0] <= GEMV_MAX_M else _dequant_step  # more rows: generate_batch
         y = step(xp, P, scales, biases, bias, e, c).to(x.dtype)
-    else:
-        return qmatmul(x, layer, plan[0]) if plan[0] != "auto" else reference(x, layer)
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 

@@ -87,3 +87,11 @@ def test_compiled_decode_with_unmerged_adapters(stories_dir):
     model.eval()
     ids = load_tokenizer(stories_dir).encode("Once upon a time")
     assert generate(model, ids, 32, compile=True) == generate(model, ids, 32)
+
+
+def test_compiled_decode_with_explicit_impls(stories_dir):
+    model = stories(stories_dir, 4, 32)
+    model.layers[0].self_attn.q_proj.impl = "reference"  # no plan: called as usual inside the graph
+    model.layers[1].self_attn.k_proj.impl = "native"     # bf16 inside an fp32 model, as asked
+    ids = load_tokenizer(stories_dir).encode("Once upon a time")
+    torch.testing.assert_close(step_logits(model, ids, True), step_logits(model, ids, False), rtol=1e-4, atol=1e-4)
