@@ -384,15 +384,11 @@ def _native_scales_zeros(layer):
     return _cached(layer, "native_sz", (layer.scales, layer.biases), build)
 
 
-def _native_mm(x2, layer):
-    """x2 [M, in] -> y [M, out] through the bf16 int4 kernel (no layer.bias), in x2's dtype."""
-    xb = x2.to(torch.bfloat16)
-    w, sz = _native_weight(layer), _native_scales_zeros(layer)
-    if x2.device.type == "cuda":
-        y = torch.ops.aten._weight_int4pack_mm(xb, w, layer.group_size, sz)
-    else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, layer.group_size, sz)
-    return y.to(x2.dtype)  # [M, out]
+def _native_mm(x2, layer, w, sz):
+    """x2 [M, in] -> y [M, out] through the bf16 int4 kernel (no layer.bias), in x2's dtype; w and sz are
+    _native_weight(layer) and _native_scales_zeros(layer)."""
+    op = torch.ops.aten._weight_int4pack_mm if x2.device.type == "cuda" else torch.ops.aten._weight_int4pack_mm_for_cpu
+    return op(x2.to(torch.bfloat16), w, layer.group_size, sz).to(x2.dtype)  # [M, out]
 
 
 class _NativeMatmul(torch.autograd.Function):
@@ -401,7 +397,7 @@ class _NativeMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, layer):
         ctx.layer = layer
-        return _native_mm(x2, layer)
+        return _native_mm(x2, layer, _native_weight(layer), _native_scales_zeros(layer))
 
     @staticmethod
     def backward(ctx, gy):
@@ -413,7 +409,10 @@ def native(x, layer):
         f"native int4 kernel needs bits=4, group_size in {NATIVE_GROUPS} dividing in_features and out_features % 16 "
         f"== 0; got bits={layer.bits}, group_size={layer.group_size}, in={layer.in_features}, out={layer.out_features}")
     x2 = x.reshape(-1, layer.in_features)
-    y = _NativeMatmul.apply(x2, layer) if torch.is_grad_enabled() and x2.requires_grad else _native_mm(x2, layer)
+    if torch.is_grad_enabled() and x2.requires_grad:
+        y = _NativeMatmul.apply(x2, layer)
+    else:  # no autograd.Function: less overhead per call
+        y = _native_mm(x2, layer, _native_weight(layer), _native_scales_zeros(layer))
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features)
@@ -510,9 +509,7 @@ def _natural_planes(layer):
 def _frozen_matmul(x, layer, plan):
     x2 = x.reshape(-1, layer.in_features)
     if plan[0] == "native":
-        _, w, sz = plan
-        op = torch.ops.aten._weight_int4pack_mm if x.device.type == "cuda" else torch.ops.aten._weight_int4pack_mm_for_cpu
-        y = op(x2.to(torch.bfloat16), w, layer.group_size, sz).to(x.dtype)
+        y = _native_mm(x2, layer, *plan[1:])
         if layer.bias is not None:
             y = y + layer.bias.to(y.dtype)
     elif plan[0] == "gemv":
