@@ -308,8 +308,10 @@ class _GroupedScaleMatmul(torch.autograd.Function):
 
 def _decode_step(xp, P, scales, biases, bias, e: int, c: int):
     """The whole small-M forward as one graph (no autograd): y = gemv + group sums @ biases^T (+ bias).
-    The group sums come from the padded input planes (padding is zero), so short groups need nothing."""
-    y = _gemv(xp, P, scales, e, c) + xp.sum(dim=(2, 3)) @ biases.T  # [M, out]
+    The group sums come from the padded input planes (padding is zero), so short groups need nothing.
+    The bias term is written as a multiply-and-sum, not `sums @ biases.T`: inductor then streams the biases
+    in a vectorized reduction instead of calling the matmul (4096x4096, 4 bits, M=1, 1 thread: 1.38 -> 1.22 ms)."""
+    y = _gemv(xp, P, scales, e, c) + (xp.sum(dim=(2, 3))[:, None, :] * biases).sum(-1)  # [M, out]
     return y + bias if bias is not None else y
 
 
