@@ -192,18 +192,19 @@ def main():
     t0 = time.perf_counter()
     stamps = []  # when each new token was ready
     new = generate(model, ids, a.max_new_tokens, a.temperature, a.top_k, tok.eos_id, g, use_cache=not a.no_cache,
-                   compile=a.compile and not a.no_cache, on_token=lambda _: stamps.append(time.perf_counter()))
+                   compile=a.compile, on_token=lambda _: stamps.append(time.perf_counter()))
     dt = time.perf_counter() - t0
     print(a.prompt + tok.decode(new))
     # the first token pays for the prompt, the next two for compiling the decode step (the second time with the
     # cache position dynamic): the speed is what follows
     warm = 3 if len(new) > 3 else 0
-    steady = stamps[-1] - (stamps[warm - 1] if warm else t0) if stamps else 0.0
+    start = stamps[warm - 1] if warm else t0  # when the timed tokens began
+    steady = stamps[-1] - start if stamps else 0.0
     tps = (len(new) - warm) / steady if steady > 0 else float("inf")
     gb = weight_bytes(model) / 1e9
-    print(f"{len(new)} tokens in {dt:.2f} s" + (f" (the first {warm} in {stamps[warm - 1] - t0:.2f} s: prompt, compiling)"
-                                                 if warm else "") +
-          f"; {tps:.1f} tokens/s, {gb * tps:.2f} GB/s of weights ({gb * 1e3:.0f} MB read per token)", file=sys.stderr)
+    first = f" (the first {warm} in {start - t0:.2f} s: prompt, compiling)" if warm else ""
+    print(f"{len(new)} tokens in {dt:.2f} s{first}; {tps:.1f} tokens/s, {gb * tps:.2f} GB/s of weights "
+          f"({gb * 1e3:.0f} MB read per token)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -164,11 +164,16 @@ def _planes(layer):
 
     def build():
         import quant
-        q = quant.unpack(layer.qweight, layer.bits, K)  # [N, K] uint8
-        q = F.pad(q, (0, Kp - K))  # [N, Kp], code 0 in the padding
-        return quant.pack(q, e).view(N, layer.n_groups, G // c)
+        return quant.pack(_padded_codes(layer), e).view(N, layer.n_groups, G // c)
 
     return _cached(layer, "planes", (layer.qweight,), build)
+
+
+def _padded_codes(layer):
+    """The codes as uint8 [out, n_groups * G], code 0 in the padding of a short last group."""
+    import quant
+    _, _, _, Kp = _layout(layer)
+    return F.pad(quant.unpack(layer.qweight, layer.bits, layer.in_features), (0, Kp - layer.in_features))
 
 
 def _x_planes(x2, c, G, Kp):
@@ -323,6 +328,15 @@ def _dequant_step(xp, P, scales, biases, bias, e: int, c: int):
     return y + bias if bias is not None else y
 
 
+def _whole_layer(xp, P, layer, compiled):
+    """The layer's forward without autograd as one call: the fused GEMV for up to GEMV_MAX_M rows, else
+    dequantize-then-BLAS. xp [M, ng, c, G/c] pairs plane t with plane t of the codes P."""
+    e, c, _, _ = _layout(layer)
+    step = _decode_step if xp.shape[0] <= GEMV_MAX_M else _dequant_step
+    bias = layer.bias.float() if layer.bias is not None else None
+    return _run(step, compiled, xp, P, layer.scales.float(), layer.biases.float(), bias, e, c)  # [M, out]
+
+
 def grouped(x, layer, pooled=None, compiled=True):
     """The grouped formulation (the "compiled" impl; compiled=False runs the same code eagerly)."""
     K = layer.in_features
@@ -333,14 +347,12 @@ def grouped(x, layer, pooled=None, compiled=True):
     if (M <= GEMV_MAX_M or one_chunk) and not (torch.is_grad_enabled() and x2.requires_grad):
         # no autograd and few rows (decode) or a small layer: the whole layer is one compiled call, which
         # keeps the per-call overhead small (the pool is recomputed in the graph)
-        bias = layer.bias.float() if layer.bias is not None else None
         # the input planes are built outside the graph: fused into the GEMV reduction, their strided loads
         # become a scalar gather repeated for every output row (4096x4096, 4 bits, 1 thread: 1.64 -> 1.38 ms)
         xp = _x_planes(x2, c, G, Kp)  # [M, ng, c, G/c]
         if M > 1:  # one graph for every M in 2..GEMV_MAX_M and one for more (M = 1 gets its own, specialized)
             torch._dynamo.mark_dynamic(xp, 0)
-        step = _decode_step if M <= GEMV_MAX_M else _dequant_step
-        y = _run(step, compiled, xp, _planes(layer), layer.scales.float(), layer.biases.float(), bias, e, c)
+        y = _whole_layer(xp, _planes(layer), layer, compiled)
         return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
     y = _GroupedScaleMatmul.apply(x2, layer, compiled)  # [M, out]: sum_g scales_g * x_g @ q_g^T
     if pooled is None:
@@ -502,8 +514,7 @@ def _natural_planes(layer):
         import quant
         e, c, G, Kp = _layout(layer)
         N = layer.out_features
-        q = F.pad(quant.unpack(layer.qweight, layer.bits, layer.in_features), (0, Kp - layer.in_features))
-        q = q.view(N, layer.n_groups, c, G // c).transpose(2, 3).reshape(N, Kp)  # [N, Kp]: c codes per byte
+        q = _padded_codes(layer).view(N, layer.n_groups, c, G // c).transpose(2, 3).reshape(N, Kp)  # c codes per byte
         return quant.pack(q, e).view(N, layer.n_groups, G // c)
     return _cached(layer, "natural_planes", (layer.qweight,), build)
 
@@ -516,11 +527,8 @@ def _frozen_matmul(x, layer, plan):
             y = y + layer.bias.to(y.dtype)
     elif plan[0] == "gemv":
         _, P, e, c, G, Kp = plan
-        bias = layer.bias.float() if layer.bias is not None else None
         xp = F.pad(x2.float(), (0, Kp - layer.in_features)).view(-1, Kp // G, c, G // c)  # a view: no transpose
-        scales, biases = layer.scales.float(), layer.biases.float()
-        step = _decode_step if xp.shape[0] <= GEMV_MAX_M else _dequant_step  # more rows: generate_batch
-        y = step(xp, P, scales, biases, bias, e, c).to(x.dtype)
+        y = _whole_layer(xp, P, layer, compiled=False).to(x.dtype)  # already inside the caller's graph
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 
