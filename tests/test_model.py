@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT
 from generate import generate, generate_batch
-from model import ModelArgs, Transformer, UserError, permute_qk
+from model import ModelArgs, Transformer, UserError, one_query_attention, permute_qk
 from tokenizer import load_tokenizer
 
 
@@ -180,6 +180,23 @@ def test_smollm_dequantization_matches_numpy_decoder(smollm, smollm_gguf):
             order = torch.arange(w.shape[0]).view(heads, hd // 2, 2).transpose(1, 2).reshape(-1)
             w = w[order]
         assert torch.equal(ours, w), name
+
+
+@pytest.mark.parametrize("H,KV,dtype", [(9, 3, torch.float32), (4, 4, torch.float32), (8, 2, torch.bfloat16)])
+def test_one_query_attention_equals_sdpa(H, KV, dtype):
+    """The compiled decode step's attention against PyTorch's SDPA and a per-head loop (grouped-query)."""
+    g = torch.Generator().manual_seed(0)
+    B, S, hd = 2, 37, 64
+    q = torch.randn(B, H, 1, hd, generator=g).to(dtype)
+    k, v = (torch.randn(B, KV, S, hd, generator=g).to(dtype) for _ in range(2))
+    got = one_query_attention(q, k, v).float()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=KV != H)
+    loop = torch.stack([torch.softmax(q[:, h].float() @ k[:, h // (H // KV)].float().transpose(-1, -2) / hd ** 0.5, -1)
+                        @ v[:, h // (H // KV)].float() for h in range(H)], 1)  # [B, H, 1, hd]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.shape == (B, H, 1, hd)
+    torch.testing.assert_close(got, sdpa, rtol=tol, atol=tol)
+    torch.testing.assert_close(got, loop, rtol=tol, atol=tol)
 
 
 def test_permute_qk_inverts():
