@@ -28,8 +28,10 @@ from model import ArgumentParser, Transformer, UserError, embedded_model_path, r
 # have the same shapes), so it compiles once (~5 s; torch caches it on disk for later processes). Shapes
 # are static except the KV cache length, which becomes dynamic at its first change (two recompiles, then
 # none). kernels.freeze resolves each QuantLinear's kernel and derived tensors beforehand, since the
-# kernels' caches cannot be traced. The prompt (prefill) runs eagerly. In fp32 the greedy tokens equal
-# the eager ones; in bf16 they differ by rounding (tests/test_generate.py).
+# kernels' caches cannot be traced, and fuses q/k/v and gate/up into one matmul each (model.project).
+# Inside the graph attention is model.one_query_attention, not an SDPA call. The prompt (prefill) runs
+# eagerly. In fp32 the greedy tokens equal the eager ones; in bf16 they differ by rounding
+# (tests/test_generate.py).
 
 _block_step = None
 

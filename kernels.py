@@ -496,19 +496,56 @@ def _plan(layer, dtype):
 
 
 def freeze(model, dtype):
-    """Store every QuantLinear's decode plan for activations of `dtype` (see above)."""
+    """Store every QuantLinear's decode plan for activations of `dtype` (see above), and fuse the linears
+    that a module declares as reading one input (its `fusable` names: q/k/v, gate/up) into one layer with
+    its own plan, stored on the first of them as `_fused` (model.project calls it)."""
     import quant
+    unfreeze(model)
     for m in model.modules():
         if isinstance(m, quant.QuantLinear):
-            m.__dict__.pop("_frozen", None)
             plan = _plan(m, dtype)
             if plan is not None:
                 m.__dict__["_frozen"] = plan
+    for m in model.modules():
+        for names in getattr(m, "fusable", ()):
+            layers = [getattr(m, n) for n in names]
+            if not all("_frozen" in l.__dict__ for l in layers if isinstance(l, quant.QuantLinear)):
+                continue  # a reference/triton layer
+            fused = _fused_layer(layers)
+            if fused is not None:
+                fused.__dict__["_frozen"] = _plan(fused, dtype)
+                layers[0].__dict__["_fused"] = fused
 
 
 def unfreeze(model):
     for m in model.modules():
         m.__dict__.pop("_frozen", None)
+        m.__dict__.pop("_fused", None)
+
+
+def _fused_layer(layers):
+    """One QuantLinear whose output is the concatenated outputs of `layers` (codes, scales, biases and
+    biases concatenated along out), or None unless they are QuantLinears of one input width, bit width,
+    group size and impl. Cached on the first layer, keyed on every buffer, so an in-place merge rebuilds
+    it at the next freeze. Memory: a second copy of the fused layers' codes while cached."""
+    import quant
+    first = layers[0]
+    same = ("in_features", "bits", "group_size", "impl")
+    if not all(isinstance(l, quant.QuantLinear) for l in layers) or len({
+            tuple(getattr(l, a) for a in same) + (l.bias is None,) for l in layers}) != 1:
+        return None
+
+    def build():
+        fused = quant.QuantLinear(first.in_features, sum(l.out_features for l in layers), first.bits,
+                                  first.group_size, bias=first.bias is not None).to(first.qweight.device)
+        fused.impl = first.impl
+        for name in ("qweight", "scales", "biases", "bias"):
+            if getattr(first, name) is not None:
+                setattr(fused, name, torch.cat([getattr(l, name) for l in layers]))
+        return fused
+
+    deps = [t for l in layers for t in (l.qweight, l.scales, l.biases, l.bias) if t is not None]
+    return _cached(first, "fused", deps, build)
 
 
 def _natural_planes(layer):

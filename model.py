@@ -221,6 +221,17 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def project(x, *linears):
+    """(linear(x) for linear in linears): linears that read the same input (q/k/v, gate/up). Inside a
+    compiled decode step, one matmul for all of them when kernels.freeze has fused them: it stores the
+    fused layer on the first linear. Fewer, larger kernel calls per token (SmolLM2, 2 threads: 3 int4
+    calls of 23-30 us -> one of 38 us)."""
+    fused = linears[0].__dict__.get("_fused")
+    if fused is not None and torch.compiler.is_compiling():
+        return fused(x).split([linear.out_features for linear in linears], dim=-1)
+    return tuple(linear(x) for linear in linears)
+
+
 def one_query_attention(q, k, v):
     """softmax(q k^T / sqrt(hd)) v for one query per row (a decode step, no mask), in fp32 like SDPA.
     q [B, H, 1, hd], k/v [B, KV, S, hd] (H a multiple of KV: grouped-query) -> [B, H, 1, hd]. Written as
@@ -235,6 +246,8 @@ def one_query_attention(q, k, v):
 
 
 class Attention(nn.Module):
+    fusable = (("q_proj", "k_proj", "v_proj"),)  # linears with one input: kernels.freeze may fuse them
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -246,9 +259,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, start_pos=None, mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if start_pos is not None:  # decoding: append to the cache, attend over everything so far
             if self.cache_k is None:
@@ -266,6 +280,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fusable = (("gate_proj", "up_proj"),)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
@@ -273,7 +289,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):

@@ -75,7 +75,24 @@ def test_compiled_decode_sees_biases_changed_in_place(stories_dir, dtype):
     assert not torch.allclose(before, after, rtol=1e-2, atol=1e-2)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (after - eager).norm() / eager.norm() < tol
-    assert not any("_frozen" in m.__dict__ for m in model.modules())  # the session left nothing behind
+    assert not any("_frozen" in m.__dict__ or "_fused" in m.__dict__ for m in model.modules())  # nothing left behind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_freeze_fuses_linears_that_read_one_input(stories_dir, dtype):
+    model = stories(stories_dir, 4, 32, dtype=dtype)
+    kernels.freeze(model, dtype)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    qkv, gate_up = attn.q_proj.__dict__["_fused"], mlp.gate_proj.__dict__["_fused"]
+    assert "_fused" not in attn.k_proj.__dict__ and qkv.__dict__["_frozen"][0] == ("native" if dtype == torch.bfloat16 else "gemv")
+    x = torch.randn(3, model.args.dim).to(dtype)
+    with torch.no_grad():  # eagerly the fused layer runs the same kernels on concatenated rows
+        torch.testing.assert_close(qkv(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
+        torch.testing.assert_close(gate_up(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
+    kernels.freeze(model, dtype)
+    assert attn.q_proj.__dict__["_fused"] is qkv  # cached while the buffers are unchanged
+    kernels.unfreeze(model)
+    assert not any("_frozen" in m.__dict__ or "_fused" in m.__dict__ for m in model.modules())
 
 
 def test_compiled_decode_with_unmerged_adapters(stories_dir):
