@@ -8,7 +8,7 @@ import torch
 
 import kernels
 import quant
-from generate import decode_session, generate, generate_batch
+from generate import decode_session, generate, generate_batch, lm_head
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -112,3 +112,15 @@ def test_compiled_decode_with_explicit_impls(stories_dir):
     model.layers[1].self_attn.k_proj.impl = "native"     # bf16 inside an fp32 model, as asked
     ids = load_tokenizer(stories_dir).encode("Once upon a time")
     torch.testing.assert_close(step_logits(model, ids, True), step_logits(model, ids, False), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_compiled_one_row_head_equals_lm_head(stories_dir, dtype, tol):
+    model = stories(stories_dir, dtype=dtype)
+    h = torch.randn(1, model.args.dim).to(dtype)
+    with torch.no_grad():
+        want = model.lm_head(h).float()
+        got = lm_head(model, h, compiled=True).float()
+        assert lm_head(model, torch.cat([h, h]), compiled=True).shape == (2, model.args.vocab_size)  # BLAS
+    assert got.shape == want.shape
+    assert (got - want).norm() / want.norm() < tol
