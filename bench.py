@@ -287,7 +287,7 @@ def targets(rows, decode):
                 ref, comp = t(shape, M, bits, 32, "reference"), t(shape, M, bits, 32, "compiled")
                 if ref and comp:
                     out[f"{shape} {bits}b g32 M={M} compiled x reference (>=3)"] = round(ref / comp, 2)
-        d, qa = t(shape, 512, None, 32, "dense fp32 LoRA"), t(shape, 512, 4, 32, "QA-LoRA")
+        d, qa = t(shape, 512, None, None, "dense fp32 LoRA"), t(shape, 512, 4, 32, "QA-LoRA")
         if d and qa:
             out[f"{shape} M=512 QA-LoRA/dense LoRA fwd+bwd (<=1.5)"] = round(qa / d, 3)
     if "float32" in decode and "4-bit fp32 act" in decode:
