@@ -25,13 +25,13 @@ from model import ArgumentParser, Transformer, UserError, embedded_model_path, r
 # Run eagerly, a one-token step of SmolLM2 is ~1,400 small PyTorch calls (30 blocks x 7 linears, norms,
 # RoPE, attention): the Python and dispatch overhead of each (~5-40 us) costs more than the arithmetic.
 # With compile=True each block of a decode step is one torch.compile graph, shared by all blocks (they
-# have the same shapes), so it compiles once (~5 s; torch caches it on disk for later processes). Shapes
-# are static except the KV cache length, which becomes dynamic at its first change (two recompiles, then
-# none). kernels.freeze resolves each QuantLinear's kernel and derived tensors beforehand, since the
-# kernels' caches cannot be traced, and fuses q/k/v and gate/up into one matmul each (model.project).
-# Inside the graph attention is model.one_query_attention, not an SDPA call; the head of a one-row step is
-# a compiled multiply-and-sum (lm_head below). The prompt (prefill) runs eagerly. In fp32 the greedy tokens equal the eager ones; in bf16 they differ by rounding
-# (tests/test_generate.py).
+# have the same shapes), so it compiles once (with the head, 8.5-14 s for SmolLM2; torch's disk cache helps
+# later runs a little). Shapes are static except the KV cache length, which becomes dynamic at its first
+# change (two recompiles, then none). kernels.freeze resolves each QuantLinear's kernel and derived tensors
+# beforehand, since the kernels' caches cannot be traced, and fuses q/k/v and gate/up into one matmul each
+# (model.project). Inside the graph attention is model.one_query_attention, not an SDPA call; the head of a
+# one-row step is a compiled multiply-and-sum (lm_head below). The prompt (prefill) runs eagerly. In fp32
+# the greedy tokens equal the eager ones; in bf16 they differ by rounding (tests/test_generate.py).
 
 _block_step = None
 
