@@ -512,8 +512,9 @@ def freeze(model, dtype):
             if not all("_frozen" in l.__dict__ for l in layers if isinstance(l, quant.QuantLinear)):
                 continue  # a reference/triton layer
             fused = _fused_layer(layers)
-            if fused is not None:
-                fused.__dict__["_frozen"] = _plan(fused, dtype)
+            plan = _plan(fused, dtype) if fused is not None else None
+            if plan is not None:
+                fused.__dict__["_frozen"] = plan
                 layers[0].__dict__["_fused"] = fused
 
 
@@ -524,8 +525,8 @@ def unfreeze(model):
 
 
 def _fused_layer(layers):
-    """One QuantLinear whose output is the concatenated outputs of `layers` (codes, scales, biases and
-    biases concatenated along out), or None unless they are QuantLinears of one input width, bit width,
+    """One QuantLinear whose output is the concatenated outputs of `layers` (codes, scales, biases and any
+    bias concatenated along out), or None unless they are QuantLinears of one input width, bit width,
     group size and impl. Cached on the first layer, keyed on every buffer, so an in-place merge rebuilds
     it at the next freeze. Memory: a second copy of the fused layers' codes while cached."""
     import quant
