@@ -25,13 +25,14 @@ from model import ArgumentParser, Transformer, UserError, embedded_model_path, r
 # Run eagerly, a one-token step of SmolLM2 is ~1,400 small PyTorch calls (30 blocks x 7 linears, norms,
 # RoPE, attention): the Python and dispatch overhead of each (~5-40 us) costs more than the arithmetic.
 # With compile=True each block of a decode step is one torch.compile graph, shared by all blocks (they
-# have the same shapes), so it compiles once (with the head, 8.5-14 s for SmolLM2; torch's disk cache helps
-# later runs a little). Shapes are static except the KV cache length, which becomes dynamic at its first
-# change (two recompiles, then none). kernels.freeze resolves each QuantLinear's kernel and derived tensors
-# beforehand, since the kernels' caches cannot be traced, and fuses q/k/v and gate/up into one matmul each
-# (model.project). Inside the graph attention is model.one_query_attention, not an SDPA call; the head of a
-# one-row step is a compiled multiply-and-sum (lm_head below). The prompt (prefill) runs eagerly. In fp32
-# the greedy tokens equal the eager ones; in bf16 they differ by rounding (tests/test_generate.py).
+# have the same shapes), so it compiles once (with the head, 5.5-8 s for SmolLM2; torch's disk cache helps
+# later runs a little). Shapes are static except the position (dynamic from the start) and the KV cache
+# size, which becomes dynamic when a later session allocates another size (one recompile). kernels.freeze
+# resolves each QuantLinear's kernel and derived tensors beforehand, since the kernels' caches cannot be
+# traced, and fuses q/k/v and gate/up into one matmul each (model.project). Inside the graph attention is
+# model.one_query_attention, not an SDPA call; the head of a one-row step is a compiled multiply-and-sum
+# (lm_head below). The prompt (prefill) runs eagerly. In fp32 the greedy tokens equal the eager ones; in
+# bf16 they differ by rounding (tests/test_generate.py).
 
 _block_step = None
 
@@ -44,9 +45,17 @@ def compiled_block_fn():
     if not kernels.COMPILE:
         return None
     if _block_step is None:
-        def block_step(layer, h, cos, sin, start_pos, mask):
-            return layer(h, cos, sin, start_pos, mask)
-        _block_step = kernels.compile_fn(block_step, dynamic=None)  # None: dims become dynamic when they change
+        def block_step(layer, h, cos, sin, positions, mask):
+            return layer(h, cos, sin, positions.shape[0], mask)
+        compiled = kernels.compile_fn(block_step, dynamic=None)  # None: dims become dynamic when they change
+
+        def run(layer, h, cos, sin, start_pos, mask):
+            # the position travels as the length of an empty tensor marked dynamic: dynamo compiles a Python
+            # int as a constant first and recompiles when it changes (SmolLM2: one ~3-6 s compile more)
+            positions = torch.empty(start_pos, 0)
+            torch._dynamo.maybe_mark_dynamic(positions, 0)
+            return compiled(layer, h, cos, sin, positions, mask)
+        _block_step = run
     return _block_step
 
 

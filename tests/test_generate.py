@@ -124,3 +124,22 @@ def test_compiled_one_row_head_equals_lm_head(stories_dir, dtype, tol):
         assert lm_head(model, torch.cat([h, h]), compiled=True).shape == (2, model.args.vocab_size)  # BLAS
     assert got.shape == want.shape
     assert (got - want).norm() / want.norm() < tol
+
+
+def test_compiled_decode_step_compiles_once_for_every_position(stories_dir):
+    """The position is dynamic from the first compile: later positions reuse the graph (no recompile)."""
+    import generate as gen
+    torch._dynamo.reset()
+    gen._block_step = None
+    model = stories(stories_dir, 4, 32)
+    ids = load_tokenizer(stories_dir).encode("Once upon a time")
+    # (a cache one longer than used, as in generate(): a full cache's slice is contiguous, another graph)
+    with torch.no_grad(), decode_session(model, 1, len(ids) + 5, compile=True) as block_fn:
+        model.hidden_states(torch.tensor([ids]), start_pos=0)
+        for i in range(4):
+            tok = torch.tensor([[ids[-1]]])
+            if i == 0:
+                model.hidden_states(tok, start_pos=len(ids), block_fn=block_fn)  # compiles
+            else:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    model.hidden_states(tok, start_pos=len(ids) + i, block_fn=block_fn)
