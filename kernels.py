@@ -405,14 +405,15 @@ def _native_scales_zeros(layer):
 
 
 def _native_mm(x2, layer, w, sz):
-    """x2 [M, in] -> y [M, out] through the bf16 int4 kernel (no layer.bias), in x2's dtype; w and sz are
+    """x2 [M, in] -> y [M, out] (+ layer.bias) through the bf16 int4 kernel, in x2's dtype; w and sz are
     _native_weight(layer) and _native_scales_zeros(layer)."""
     op = torch.ops.aten._weight_int4pack_mm if x2.device.type == "cuda" else torch.ops.aten._weight_int4pack_mm_for_cpu
-    return op(x2.to(torch.bfloat16), w, layer.group_size, sz).to(x2.dtype)  # [M, out]
+    y = op(x2.to(torch.bfloat16), w, layer.group_size, sz).to(x2.dtype)  # [M, out]
+    return y + layer.bias.to(y.dtype) if layer.bias is not None else y
 
 
 class _NativeMatmul(torch.autograd.Function):
-    """x2 [M, in] -> bf16 int4 matmul [M, out] (no layer.bias); backward in f32 via the grouped form."""
+    """x2 [M, in] -> bf16 int4 matmul [M, out] (+ layer.bias, a constant); backward in f32 via the grouped form."""
 
     @staticmethod
     def forward(ctx, x2, layer):
@@ -433,8 +434,6 @@ def native(x, layer):
         y = _NativeMatmul.apply(x2, layer)
     else:  # no autograd.Function: less overhead per call
         y = _native_mm(x2, layer, _native_weight(layer), _native_scales_zeros(layer))
-    if layer.bias is not None:
-        y = y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -496,26 +495,27 @@ def _plan(layer, dtype):
 
 
 def freeze(model, dtype):
-    """Store every QuantLinear's decode plan for activations of `dtype` (see above), and fuse the linears
-    that a module declares as reading one input (its `fusable` names: q/k/v, gate/up) into one layer with
-    its own plan, stored on the first of them as `_fused` (model.project calls it)."""
+    """Store every QuantLinear's decode plan for activations of `dtype` (see above). Linears that a module
+    declares as reading one input (its `fusable` names: q/k/v, gate/up) are fused into one layer with its
+    own plan, stored on the first of them as `_fused` (model.project calls it); the fused members then need
+    no plan of their own (inside the graph only the fused layer runs)."""
     import quant
     unfreeze(model)
-    for m in model.modules():
-        if isinstance(m, quant.QuantLinear):
-            plan = _plan(m, dtype)
-            if plan is not None:
-                m.__dict__["_frozen"] = plan
+    fused_members = set()
     for m in model.modules():
         for names in getattr(m, "fusable", ()):
             layers = [getattr(m, n) for n in names]
-            if not all("_frozen" in l.__dict__ for l in layers if isinstance(l, quant.QuantLinear)):
-                continue  # a reference/triton layer
             fused = _fused_layer(layers)
-            plan = _plan(fused, dtype) if fused is not None else None
+            plan = _plan(fused, dtype) if fused is not None else None  # None for reference/triton layers
             if plan is not None:
                 fused.__dict__["_frozen"] = plan
                 layers[0].__dict__["_fused"] = fused
+                fused_members.update(map(id, layers))
+    for m in model.modules():
+        if isinstance(m, quant.QuantLinear) and id(m) not in fused_members:
+            plan = _plan(m, dtype)
+            if plan is not None:
+                m.__dict__["_frozen"] = plan
 
 
 def unfreeze(model):
@@ -567,8 +567,6 @@ def _frozen_matmul(x, layer, plan):
     x2 = x.reshape(-1, layer.in_features)
     if plan[0] == "native":
         y = _native_mm(x2, layer, *plan[1:])
-        if layer.bias is not None:
-            y = y + layer.bias.to(y.dtype)
     elif plan[0] == "gemv":
         _, P, e, c, G, Kp = plan
         xp = F.pad(x2.float(), (0, Kp - layer.in_features)).view(-1, Kp // G, c, G // c)  # a view: no transpose
