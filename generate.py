@@ -204,8 +204,8 @@ def main():
                    help="keep a GGUF's Q4_1 weights as 4-bit codes (default) instead of dequantizing")
     p.add_argument("--no-cache", action="store_true", help="recompute the full sequence every step")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the one-token decode step (default; ~5 s once, cached on disk by torch, then "
-                        "2x the tokens/s of eager on SmolLM2)")
+                   help="compile the one-token decode step (default; on SmolLM2 ~16-23 s the first time, ~4-5 s "
+                        "once torch has cached it on disk, then ~3x the tokens/s of eager)")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
     if a.max_new_tokens < 0:
@@ -228,8 +228,8 @@ def main():
                    compile=a.compile, on_token=lambda _: stamps.append(time.perf_counter()))
     dt = time.perf_counter() - t0
     print(a.prompt + tok.decode(new))
-    # the first token pays for the prompt, the next two for compiling the decode step (the second time with the
-    # cache position dynamic): the speed is what follows
+    # the first token pays for the prompt, the second for compiling the decode step and the head; the third is
+    # left out too, so the line compares with runs made before the position was dynamic from the first compile
     warm = 3 if len(new) > 3 else 0
     start = stamps[warm - 1] if warm else t0  # when the timed tokens began
     steady = stamps[-1] - start if stamps else 0.0
