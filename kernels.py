@@ -585,7 +585,8 @@ def _frozen_matmul(x, layer, plan):
 # What to expect on a GPU (not measured here: no GPU on this machine): for prefill/training (M >= 64)
 # compute-bound like a bf16 GEMM plus the unpack; for decode (M = 1) memory-bound, reading bits/8 bytes
 # per weight + 8 bytes per (row, group), i.e. ~4x less traffic than fp16 at 4 bits/group 128;
-# BLOCK_M = 16 is the smallest tile tl.dot accepts, so M = 1 wastes tensor-core work (not bandwidth).
+# BLOCK_M = 16 is the smallest tile tl.dot accepts, so M = 1 wastes tensor-core work (not bandwidth);
+# BLOCK_M grows with M up to 64, so prefill/training dequantizes each weight tile once per 64 rows.
 # A split-K GEMV would do better at M = 1 on big GPUs; it is left out to keep one readable kernel.
 
 if triton is not None:
@@ -630,7 +631,9 @@ class _TritonMatmul(torch.autograd.Function):
         M, K = x2.shape
         N = layer.out_features
         y = torch.empty(M, N, device=x2.device, dtype=torch.float32)
-        BM, BN, BK = 16, 64, 32
+        # tile rows: 16 is the smallest tl.dot takes (decode); larger M gets taller tiles, so each tile of
+        # codes is loaded and dequantized once per 64 rows of x rather than once per 16 (GPTQ-triton's configs)
+        BM, BN, BK = min(64, max(16, triton.next_power_of_2(M))), 64, 32
         grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
         _triton_qmm_kernel[grid](x2.contiguous(), P, layer.scales.float().contiguous(), layer.biases.float().contiguous(),
                                  y, M, N, K, layer.n_groups, G, P.shape[1], E=e, C=c,
