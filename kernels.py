@@ -584,8 +584,9 @@ def _frozen_matmul(x, layer, plan):
 # applying w = scales * q + biases per (row, group) and accumulating x_tile @ w_tile^T in fp32.
 # What to expect on a GPU (not measured here: no GPU on this machine): for prefill/training (M >= 64)
 # compute-bound like a bf16 GEMM plus the unpack (fp32 inputs use input_precision="ieee" to keep the 1e-4 of
-# the fp32 paths, so they run at fp32 SIMT speed, not on tensor cores as TF32 would); for decode (M = 1) memory-bound, reading bits/8 bytes
-# per weight + 8 bytes per (row, group), i.e. ~4x less traffic than fp16 at 4 bits/group 128;
+# the fp32 paths, so they run at fp32 SIMT speed, not on tensor cores as TF32 would); for decode (M = 1)
+# memory-bound, reading bits/8 bytes per weight + 8 bytes per (row, group), i.e. ~4x less traffic than fp16
+# at 4 bits/group 128;
 # BLOCK_M = 16 is the smallest tile tl.dot accepts, so M = 1 wastes tensor-core work (not bandwidth);
 # BLOCK_M grows with M up to 64, so prefill/training dequantizes each weight tile once per 64 rows.
 # A split-K GEMV would do better at M = 1 on big GPUs; it is left out to keep one readable kernel.
