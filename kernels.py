@@ -490,7 +490,7 @@ def _plan(layer, dtype):
     if impl == "native":
         return ("native", _native_weight(layer), _native_scales_zeros(layer))
     if impl in ("compiled", "eager"):
-        return ("gemv", _natural_planes(layer)) + _layout(layer)
+        return ("gemv", _natural_planes(layer))  # the layout is derived from the layer where it is used
     return None  # reference/triton cache nothing: qmatmul calls them as usual
 
 
@@ -568,7 +568,8 @@ def _frozen_matmul(x, layer, plan):
     if plan[0] == "native":
         y = _native_mm(x2, layer, *plan[1:])
     elif plan[0] == "gemv":
-        _, P, e, c, G, Kp = plan
+        P = plan[1]
+        _, c, G, Kp = _layout(layer)
         xp = F.pad(x2.float(), (0, Kp - layer.in_features)).view(-1, Kp // G, c, G // c)  # a view: no transpose
         y = _whole_layer(xp, P, layer, compiled=False).to(x.dtype)  # already inside the caller's graph
     return y.reshape(*x.shape[:-1], layer.out_features)
