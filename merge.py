@@ -1,10 +1,11 @@
 """Fold QA-LoRA adapters into the quantized base, exactly; the plain-LoRA baseline's merge; export.
 
-QA-LoRA's adapter adds s * B @ A @ pool(x). pool averages each quantization group, so for row o and
-group g the adapter contributes s * (B @ A)[o, g] / size(g) * sum_{i in g} x_i: a per-(row, group)
+QA-LoRA's adapter adds s * B @ A @ (c * pool(x)). pool averages each quantization group and c_g is
+the adapter's pool scale (qalora.py: 1 for the mean, size(g) for the sum, ...), so for row o and group
+g the adapter contributes s * c_g * (B @ A)[o, g] / size(g) * sum_{i in g} x_i: a per-(row, group)
 constant times the group's input sum, which is exactly what a bias of the affine quantizer does:
 
-    biases'[o, g] = biases[o, g] + s * (B @ A)[o, g] / size(g)         (float64, then cast)
+    biases'[o, g] = biases[o, g] + s * c_g * (B @ A)[o, g] / size(g)     (float64, then cast)
 
 Codes and scales are untouched, so the merged model is again a pure `bits`-bit model. Plain LoRA's
 B @ A is dense: merging it means dequantize, add, and quantize again (RTN or GPTQ), which is lossy.
@@ -41,7 +42,7 @@ def merge_adapters(model):
         base = layer.base
         sizes = torch.tensor(quant.group_sizes(base.in_features, base.group_size), dtype=torch.float64)
         delta = layer.scaling * (layer.lora_B.weight.double() @ layer.lora_A.weight.double())  # [out, n_groups]
-        base.biases.copy_((base.biases.double() + delta / sizes).to(base.biases.dtype))
+        base.biases.copy_((base.biases.double() + delta * layer.pool_c.double() / sizes).to(base.biases.dtype))
         model.set_submodule(name, base)
     model.__dict__.pop("adapter_config", None)
     return model

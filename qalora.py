@@ -2,11 +2,20 @@
 
 A quantized linear holds w~[o, i] = scales[o, g(i)] * q[o, i] + biases[o, g(i)]. QA-LoRA trains
 
-    y = base(x) + s * B(A(dropout(pool(x))))      pool: [.., in] -> [.., n_groups], mean per quant group
-    A: n_groups -> r (Kaiming uniform, as nn.Linear/peft),  B: r -> out (zeros),  s = alpha / r
+    y = base(x) + s * B(A(dropout(c * pool(x))))  pool: [.., in] -> [.., n_groups], mean per quant group
+    A: n_groups -> r (Kaiming uniform as nn.Linear/peft, or xavier as the official code),
+    B: r -> out (zeros),  s = alpha / r
 
 The adapter sees only per-group means, so its update is constant within each (row, group) and
-folds exactly into the biases (merge.py). The pooled width caps the rank that can do anything:
+folds exactly into the biases (merge.py), whatever the constant c_g. c is `pool_scale`:
+
+    mean     c_g = 1          the official code (nn.AvgPool1d)
+    sum      c_g = g          the paper's Algorithm 1 (the mean times D_in // L, the group size)
+    sqrt     c_g = sqrt(g)    keeps the input's RMS when a group's channels are uncorrelated
+    ngroups  c_g = n_groups   PEFT's use_qalora (the mean times in_features // group_size)
+
+with g each group's own width (a short last group uses its own). The merge absorbs c, but AdamW is not
+scale-invariant in its input: c decides which learning rate trains the adapter well. The pooled width caps the rank that can do anything:
 rank(B @ A) <= n_groups (SmolLM2 at group 32: 576 / 32 = 18; at group 128: 5).
 
 LoRALinear is the QLoRA-style baseline the paper compares with: A sees the full input (A: in -> r),
@@ -21,23 +30,49 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from kernels import pool_groups, qmatmul
+from kernels import group_widths, pool_groups, qmatmul
 from model import UserError
 from quant import QuantLinear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+POOL_SCALES = ("mean", "sum", "sqrt", "ngroups")
+DEFAULT_POOL_SCALE = "mean"
+INITS = ("kaiming", "xavier")
+
+
+def pool_constants(widths, kind):
+    """c [n_groups]: the constant each group's mean is multiplied by before the adapter reads it."""
+    if kind not in POOL_SCALES:
+        raise UserError(f"unknown pool scale {kind!r}: choose one of {', '.join(POOL_SCALES)}")
+    return {"mean": torch.ones_like(widths), "sum": widths, "sqrt": widths.sqrt(),
+            "ngroups": torch.full_like(widths, len(widths))}[kind]
+
+
+def _init_A(lin, init):
+    if init not in INITS:
+        raise UserError(f"unknown adapter init {init!r}: choose one of {', '.join(INITS)}")
+    if init == "xavier":
+        nn.init.xavier_uniform_(lin.weight)
+    # kaiming: nn.Linear's own init, kept as it is
+
+
 class QALoRALinear(nn.Module):
     """A frozen QuantLinear plus a low-rank adapter on its group-pooled input."""
 
-    def __init__(self, base: QuantLinear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: QuantLinear, rank: int, alpha: float, dropout: float = 0.0,
+                 pool_scale: str = "mean", init: str = "kaiming"):
         super().__init__()
         self.base, self.rank, self.alpha, self.scaling = base, rank, alpha, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base.n_groups, rank, bias=False)       # Kaiming-uniform init (nn.Linear's)
+        self.lora_A = nn.Linear(base.n_groups, rank, bias=False)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        _init_A(self.lora_A, init)
         nn.init.zeros_(self.lora_B.weight)                             # starts as a zero update
+        widths = group_widths(base.in_features, base.group_size, dtype=torch.float64)
+        self.pool_scale = pool_scale
+        self.register_buffer("pool_c", pool_constants(widths, pool_scale), persistent=False)  # [n_groups]
 
     def forward(self, x):
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # pool bf16/f16 inputs in f32
@@ -45,19 +80,20 @@ class QALoRALinear(nn.Module):
         # The base's bias term needs the same group sums, so it reuses the pool; dropout touches only the
         # adapter's copy (Dropout is not in-place), so sharing is valid in training too.
         y = qmatmul(x, self.base, impl=self.base.impl, pooled=pooled)  # [..., out]
-        a = self.lora_A(self.dropout(pooled).to(self.lora_A.weight.dtype))
+        a = self.lora_A(self.dropout(pooled * self.pool_c.to(pooled.dtype)).to(self.lora_A.weight.dtype))
         return y + (self.scaling * self.lora_B(a)).to(y.dtype)
 
 
 class LoRALinear(nn.Module):
     """Plain LoRA on a (quantized or float) linear: y = base(x) + s * B(A(dropout(x))), A: in -> r."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming"):
         super().__init__()
         self.base, self.rank, self.alpha, self.scaling = base, rank, alpha, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(base.in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        _init_A(self.lora_A, init)
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x):
@@ -74,10 +110,14 @@ def adapter_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (QALoRALinear, LoRALinear))]
 
 
-def add_adapters(model, rank, alpha, dropout=0.0, targets=TARGETS, method="qalora"):
-    """Wrap every target linear (never lm_head) in place, freeze everything else, return the adapter params."""
+def add_adapters(model, rank, alpha, dropout=0.0, targets=TARGETS, method="qalora", pool_scale="mean",
+                 init="kaiming"):
+    """Wrap every target linear (never lm_head) in place, freeze everything else, return the adapter params.
+    pool_scale (QA-LoRA only) and init: see the module docstring."""
     if method not in ADAPTERS:
         raise UserError(f"unknown adapter method {method!r}: use 'qalora' or 'lora'")
+    pool_constants(torch.ones(1), pool_scale)  # a bad name fails here, before anything is wrapped
+    _init_A(nn.Linear(1, 1), init)
     if rank < 1:
         raise UserError(f"adapter rank must be >= 1, got {rank}")
     if adapter_layers(model):
@@ -96,7 +136,8 @@ def add_adapters(model, rank, alpha, dropout=0.0, targets=TARGETS, method="qalor
     for name, mod in found:
         if method == "qalora" and rank > mod.n_groups:
             capped.add(mod.n_groups)
-        adapter = ADAPTERS[method](mod, rank, alpha, dropout).train(model.training)  # follow the model's mode
+        kw = dict(pool_scale=pool_scale) if method == "qalora" else {}
+        adapter = ADAPTERS[method](mod, rank, alpha, dropout, init=init, **kw).train(model.training)
         ref = mod.scales if isinstance(mod, QuantLinear) else mod.weight
         for lin in (adapter.lora_A, adapter.lora_B):                 # move/cast the adapter only, never the base
             lin.to(ref.device, torch.float64 if ref.dtype == torch.float64 else torch.float32)
@@ -105,7 +146,8 @@ def add_adapters(model, rank, alpha, dropout=0.0, targets=TARGETS, method="qalor
     if capped:
         warnings.warn(f"rank {rank} exceeds the pooled width {min(capped)} of some layers: "
                       f"rank(B @ A) <= n_groups, so the extra rank there is wasted")
-    model.adapter_config = dict(method=method, rank=rank, alpha=alpha, dropout=dropout, targets=list(targets))
+    model.adapter_config = dict(method=method, rank=rank, alpha=alpha, dropout=dropout, targets=list(targets),
+                                pool_scale=pool_scale if method == "qalora" else None, init=init)
     return params
 
 
@@ -165,10 +207,15 @@ def load_adapters(model, adapter_dir):
 
     Refuses (UserError) an adapter trained on another base (fingerprint), or with another rank/method."""
     cfg = read_adapter_config(adapter_dir)
+    if cfg["method"] == "qalora":  # written before pool_scale existed: the mean, as it was then
+        cfg.setdefault("pool_scale", "mean")
+    cfg.setdefault("pool_scale", None)
+    cfg.setdefault("init", "kaiming")
     if not adapter_layers(model):
-        add_adapters(model, cfg["rank"], cfg["alpha"], cfg["dropout"], tuple(cfg["targets"]), cfg["method"])
+        add_adapters(model, cfg["rank"], cfg["alpha"], cfg["dropout"], tuple(cfg["targets"]), cfg["method"],
+                     pool_scale=cfg["pool_scale"] or "mean", init=cfg["init"])
     have = model.adapter_config
-    for key in ("method", "rank", "alpha"):
+    for key in ("method", "rank", "alpha", "pool_scale"):
         if have[key] != cfg[key]:
             raise UserError(f"{adapter_dir} holds a {key}={cfg[key]!r} adapter but the model's adapters have "
                             f"{key}={have[key]!r}: load it onto a model without adapters")
@@ -192,5 +239,5 @@ def load_adapters(model, adapter_dir):
             with torch.no_grad():
                 w.copy_(t)
             params.append(w)
-    model.adapter_config = {k: cfg[k] for k in ("method", "rank", "alpha", "dropout", "targets")}
+    model.adapter_config = {k: cfg[k] for k in ("method", "rank", "alpha", "dropout", "targets", "pool_scale", "init")}
     return params

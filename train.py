@@ -32,10 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import qalora
 from model import ArgumentParser, Transformer, UserError, atomic_path, embedded_model_path, run_cli
 
 # -----------------------------------------------------------------------------
 # flags
+
+# each method's peak learning rate, chosen on a validation split (docs/pooling.md, sweep.py)
+DEFAULT_LR = {"qalora": 1e-3, "lora": 1e-3}
 
 def get_args(argv=None):
     p = ArgumentParser(description="QA-LoRA fine-tuning: quantize, train adapters, merge exactly, save.")
@@ -49,10 +53,15 @@ def get_args(argv=None):
     a("--group-size", type=int, default=32, help="quantization group = QA-LoRA pooling group")
     a("--calib", default=None, help="text file for GPTQ calibration (default: the training examples)")
     a("--method", default="qalora", choices=["qalora", "lora"], help="lora = the QLoRA-style baseline")
+    a("--pool-scale", default=qalora.DEFAULT_POOL_SCALE, choices=qalora.POOL_SCALES,
+      help="QA-LoRA's adapter input per group: mean (official code), sum (paper), sqrt = sqrt(width) * mean, "
+           "ngroups = n_groups * mean (PEFT); the merge is exact for each")
+    a("--init", default="kaiming", choices=qalora.INITS, help="init of the adapter's A (B starts at zero)")
     a("--rank", type=int, default=16)
     a("--alpha", type=float, default=16.0)
     a("--dropout", type=float, default=0.05)
-    a("--lr", type=float, default=1e-3)
+    a("--lr", type=float, default=None,
+      help="peak learning rate (default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     a("--warmup", type=float, default=0.03, help="warmup as a fraction of --max-steps")
     a("--weight-decay", type=float, default=0.0)
     a("--max-grad-norm", type=float, default=0.3)
@@ -62,6 +71,10 @@ def get_args(argv=None):
     a("--max-steps", type=int, default=150, help="optimizer steps")
     a("--n-train", type=int, default=4000, help="synthetic training examples")
     a("--n-heldout", type=int, default=64, help="held-out examples (synthetic, or split off --data)")
+    a("--n-val", type=int, default=0,
+      help="validation examples split off the training examples (for choosing hyperparameters; 0: none)")
+    a("--val-seed", type=int, default=1, help="seed of the validation split")
+    a("--no-exact-match", action="store_true", help="skip the greedy exact-match evaluation (synthetic data)")
     a("--max-new-tokens", type=int, default=12, help="greedy tokens for exact match")
     a("--eval-every", type=int, default=50, help="held-out loss every N steps (0: never)")
     a("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
@@ -78,7 +91,10 @@ def get_args(argv=None):
     a("--overwrite", action="store_true", help="replace the run already in --out")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--no-gguf", action="store_true", help="skip the merged.gguf export")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.method]
+    return args
 
 
 # flags that may change between a run and its --resume; all others must match
@@ -283,6 +299,16 @@ def calibration(args, tok, train_ex):
     n = min(64, len(ids) // T)
     return torch.tensor(ids[:n * T], dtype=torch.long).view(n, T)
 
+def peak_rss_mb():
+    """This process's peak resident memory (VmHWM, Linux), in MB; None where /proc is absent. Not
+    ru_maxrss: a child started by exec inherits its parent's ru_maxrss, but VmHWM starts afresh."""
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+        return kb / 1024
+    except (OSError, StopIteration):
+        return None
+
 # -----------------------------------------------------------------------------
 # the run
 
@@ -301,7 +327,6 @@ def main(argv=None):
     if args.max_new_tokens < 1 or args.n_heldout < 1:
         raise UserError("--max-new-tokens and --n-heldout must be >= 1")
     import merge
-    import qalora
     import quant
     quant.check_bits_group(args.bits, args.group_size)
     out = check_out(args)
@@ -314,12 +339,16 @@ def main(argv=None):
         train_rec, held_rec = data.synthetic_splits(args.seed, args.n_train, args.n_heldout)
     else:
         train_rec, held_rec = data.split_records(data.load_records(args.data), args.n_heldout, args.seed)
+    val_rec = []
+    if args.n_val:  # a validation split off the training records, for choosing hyperparameters
+        train_rec, val_rec = data.split_records(train_rec, args.n_val, args.val_seed)
     train_ex, trunc = data.build_examples(train_rec, tok, args.template, args.seq_len)
     held_ex, _ = data.build_examples(held_rec, tok, args.template, args.seq_len)
-    say(f"data: {len(train_ex)} train / {len(held_ex)} held-out examples ({args.data or 'synthetic'}, "
-        f"{args.template} template); {trunc}")
+    val_ex = data.build_examples(val_rec, tok, args.template, args.seq_len)[0] if val_rec else []
+    say(f"data: {len(train_ex)} train / {len(val_ex)} validation / {len(held_ex)} held-out examples "
+        f"({args.data or 'synthetic'}, {args.template} template); {trunc}")
     pad_id = tok.eos_id if tok.eos_id is not None else 0
-    synthetic = args.data is None
+    synthetic = args.data is None and not args.no_exact_match
 
     # model: load -> quantize
     t0 = time.time()
@@ -358,8 +387,10 @@ def main(argv=None):
 
     # adapters (seeded: their init draws from the torch RNG)
     seed_all(args.seed + rank)
-    params = qalora.add_adapters(model, args.rank, args.alpha, args.dropout, method=args.method)
-    say(f"adapters: {args.method} rank {args.rank} alpha {args.alpha}: {sum(p.numel() for p in params):,} "
+    params = qalora.add_adapters(model, args.rank, args.alpha, args.dropout, method=args.method,
+                                 pool_scale=args.pool_scale, init=args.init)
+    say(f"adapters: {args.method} rank {args.rank} alpha {args.alpha}" +
+        (f" pool scale {args.pool_scale}" if args.method == "qalora" else "") + f", lr {args.lr:g}: {sum(p.numel() for p in params):,} "
         f"trainable parameters in {len(qalora.adapter_layers(model))} layers")
     model.grad_checkpointing = args.grad_checkpointing
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
@@ -481,6 +512,8 @@ def main(argv=None):
              "train_tokens_per_s": tokens_seen / t_train if tokens_seen else None}
     model.eval()
     final["unmerged_eval_loss"] = eval_loss(model, held_ex, pad_id, rank=rank, world=world)
+    if val_ex:
+        final["unmerged_val_loss"] = eval_loss(model, val_ex, pad_id, rank=rank, world=world)
     if synthetic and master:
         final["unmerged_exact_match"] = data.exact_match(model, tok, held_ex, args.max_new_tokens)[0]
     if master:
@@ -492,6 +525,8 @@ def main(argv=None):
         calib = calibration(args, tok, train_ex) if qmethod == "gptq" else None
         merge.merge_lora_baseline(model, args.bits, args.group_size, "gptq" if qmethod == "gptq" else "rtn", calib)
     final["merged_eval_loss"] = eval_loss(model, held_ex, pad_id, rank=rank, world=world)
+    if val_ex:
+        final["merged_val_loss"] = eval_loss(model, val_ex, pad_id, rank=rank, world=world)
     if synthetic and master:
         final["merged_exact_match"] = data.exact_match(model, tok, held_ex, args.max_new_tokens)[0]
         final["exact_match_before"] = before["exact_match"]
@@ -518,6 +553,7 @@ def main(argv=None):
             say(f"no merged.gguf: GGUF Q4_1 needs 4 bits and every group a multiple of 32 wide "
                 f"(have {args.bits} bits, group widths {widths})")
         final["total_seconds"] = round(time.time() - t_start, 1)
+        final["peak_rss_mb"] = peak_rss_mb()
         metrics.log(**final)
         say(f"done in {final['total_seconds']:.0f}s")
     if world > 1:

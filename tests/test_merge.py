@@ -12,7 +12,7 @@ import torch
 import quant
 from merge import export_gguf, export_mlx, merge_adapters, merge_lora_baseline
 from model import Transformer, UserError
-from qalora import QALoRALinear, add_adapters, adapter_layers, save_adapters
+from qalora import POOL_SCALES, QALoRALinear, add_adapters, adapter_layers, save_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,19 +34,20 @@ def rel_err(a, b):
 # dim 80 / hidden 200: group 16 -> 5 and 12 + a short 8; 32 -> 2 + 16 and 6 + 8; 64 -> 1 + 16 and 3 + 8;
 # 128 -> the whole 80-wide row, and 128 + a short 72.
 @pytest.mark.filterwarnings("ignore:rank 2 exceeds")
+@pytest.mark.parametrize("pool_scale", POOL_SCALES)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [16, 32, 64, 128])
-def test_merge_is_exact(tiny_args, bits, group_size):
+def test_merge_is_exact(tiny_args, bits, group_size, pool_scale):
     model = quantized_model(tiny_args, bits, group_size, dim=80, hidden_dim=200, n_heads=4, n_kv_heads=2)
     before = quant_state(model)
-    add_adapters(model, rank=2, alpha=4.0)
+    add_adapters(model, rank=2, alpha=4.0, pool_scale=pool_scale)
     randomize_B(model)
     ids = torch.randint(0, model.args.vocab_size, (2, 12))
     with torch.no_grad():
         unmerged = model(ids)
         merge_adapters(model)
         merged = model(ids)
-    assert rel_err(merged, unmerged) < 1e-5, f"bits={bits} g={group_size}: {rel_err(merged, unmerged):.2e}"
+    assert rel_err(merged, unmerged) < 1e-5, f"bits={bits} g={group_size} {pool_scale}: {rel_err(merged, unmerged):.2e}"
     after = quant_state(model)
     assert before.keys() == after.keys()
     for n in before:
@@ -66,6 +67,21 @@ def test_merge_formula_per_group(tiny_args):
         / torch.tensor([64.0, 64.0, 64.0, 8.0], dtype=torch.float64)
     merge_adapters(model)
     torch.testing.assert_close(model.layers[0].mlp.down_proj.biases, expect.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pool_scale,c", [("mean", [1.0] * 4), ("sum", [64.0, 64.0, 64.0, 8.0]),
+                                          ("sqrt", [8.0, 8.0, 8.0, 8 ** 0.5]), ("ngroups", [4.0] * 4)])
+def test_merge_formula_per_pool_scale(tiny_args, pool_scale, c):
+    """biases'[:, g] = biases[:, g] + s * c_g * (B @ A)[:, g] / size(g), c_g written out by hand."""
+    model = quantized_model(tiny_args, 4, 64, dim=80, hidden_dim=200)
+    add_adapters(model, rank=2, alpha=3.0, targets=("down_proj",), pool_scale=pool_scale)
+    randomize_B(model)
+    layer = model.layers[0].mlp.down_proj
+    sizes = torch.tensor([64.0, 64.0, 64.0, 8.0], dtype=torch.float64)
+    expect = layer.base.biases.double() + 1.5 * (layer.lora_B.weight.double() @ layer.lora_A.weight.double()) \
+        * torch.tensor(c, dtype=torch.float64) / sizes
+    merge_adapters(model)
+    torch.testing.assert_close(model.layers[0].mlp.down_proj.biases, expect.float(), rtol=1e-7, atol=0)
 
 
 def test_baseline_merge_is_not_exact(tiny_args, capsys):

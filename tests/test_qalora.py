@@ -132,19 +132,74 @@ def test_rank_above_pooled_width_warns(tiny_args):
         add_adapters(model, rank=4, alpha=4.0)
 
 
-@pytest.mark.parametrize("method", ["qalora", "lora"])
-def test_save_load_round_trip(tiny_args, tmp_path, method):
-    base = quantized_model(tiny_args, group_size=16)
+@pytest.mark.parametrize("pool_scale,c", [("mean", [1.0, 1.0, 1.0]), ("sum", [32.0, 32.0, 16.0]),
+                                          ("sqrt", [32 ** 0.5, 32 ** 0.5, 4.0]), ("ngroups", [3.0, 3.0, 3.0])])
+def test_pool_scale_multiplies_the_adapter_input_only(pool_scale, c):
+    """The adapter reads c_g * mean_g(x) (a short last group of 16 uses its own width); the base does not."""
+    w = torch.randn(12, 80)
+    base = quant.QuantLinear.from_codes(*quant.quantize(w, 4, 32), 4, 32)
+    layer = QALoRALinear(base, rank=2, alpha=4.0, pool_scale=pool_scale)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 80, dtype=torch.float64)
+    means = torch.stack([x[:, :32].mean(1), x[:, 32:64].mean(1), x[:, 64:].mean(1)], dim=1)   # [5, 3]
+    A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    ref = x @ base.dequantize_weight().double().T + 2.0 * (means * torch.tensor(c, dtype=torch.float64)) @ A.T @ B.T
+    got = layer(x.float()).double()
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_xavier_init_and_bad_names(tiny_args):
+    torch.manual_seed(0)
+    layer = QALoRALinear(quant.QuantLinear.from_codes(*quant.quantize(torch.randn(8, 512), 4, 16), 4, 16),
+                         rank=4, alpha=4.0, init="xavier")
+    bound = (6 / (32 + 4)) ** 0.5                                # xavier_uniform: U(-b, b), b = sqrt(6 / (fan_in + fan_out))
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.abs().max() > 0.9 * bound
+    with pytest.raises(UserError, match="pool scale"):
+        add_adapters(quantized_model(tiny_args), rank=2, alpha=2.0, pool_scale="median")
+    with pytest.raises(UserError, match="init"):
+        add_adapters(quantized_model(tiny_args), rank=2, alpha=2.0, init="orthogonal")
+
+
+@pytest.mark.parametrize("method,pool_scale", [("qalora", "mean"), ("qalora", "sum"), ("qalora", "sqrt"),
+                                               ("qalora", "ngroups"), ("lora", None)])
+def test_save_load_round_trip(tiny_args, tmp_path, method, pool_scale):
+    base = quantized_model(tiny_args, group_size=16, dim=80)     # 80 = 5 groups of 16: every c_g differs from 1
     model = copy.deepcopy(base)
-    add_adapters(model, rank=3, alpha=6.0, dropout=0.1, method=method)
+    add_adapters(model, rank=3, alpha=6.0, dropout=0.1, method=method, pool_scale=pool_scale or "mean")
     randomize_B(model)
     save_adapters(model, tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert meta["method"] == method and meta["rank"] == 3 and meta["alpha"] == 6.0 and meta["dropout"] == 0.1
+    assert meta["pool_scale"] == pool_scale and meta["init"] == "kaiming"
     assert meta["bits"] == 4 and meta["group_size"] == 16 and len(meta["fingerprint"]) == 64
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter.json", "adapter.safetensors"]
     fresh = copy.deepcopy(base)
     load_adapters(fresh, tmp_path / "ad")
+    ids = torch.randint(0, model.args.vocab_size, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
+    if method == "qalora":
+        assert {m.pool_scale for _, m in adapter_layers(fresh)} == {pool_scale}
+        other = copy.deepcopy(base)                                 # an adapter of another pool scale is refused
+        add_adapters(other, rank=3, alpha=6.0, pool_scale="sum" if pool_scale != "sum" else "mean")
+        with pytest.raises(UserError, match="pool_scale"):
+            load_adapters(other, tmp_path / "ad")
+
+
+def test_adapter_json_without_pool_scale_loads_as_mean(tiny_args, tmp_path):
+    """adapter.json files written before pool_scale existed hold a mean-pooled adapter."""
+    base = quantized_model(tiny_args, group_size=16, dim=80)
+    model = copy.deepcopy(base)
+    add_adapters(model, rank=3, alpha=6.0)
+    randomize_B(model)
+    save_adapters(model, tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter.json"
+    meta = json.loads(path.read_text())
+    del meta["pool_scale"], meta["init"]
+    path.write_text(json.dumps(meta))
+    fresh = copy.deepcopy(base)
+    load_adapters(fresh, tmp_path / "ad")
+    assert fresh.adapter_config["pool_scale"] == "mean"
     ids = torch.randint(0, model.args.vocab_size, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
