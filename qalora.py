@@ -1,13 +1,13 @@
-"""QA-LoRA adapters (Xu et al. 2023, arXiv 2309.14717) and the plain-LoRA baseline beside them.
+"""QA-LoRA adapters (Xu et al. 2023, arXiv 2309.14717) and the plain-LoRA baseline they extend.
 
-A quantized linear holds w~[o, i] = scales[o, g(i)] * q[o, i] + biases[o, g(i)]. QA-LoRA trains
+A quantized linear holds w~[o, i] = scales[o, g(i)] * q[o, i] + biases[o, g(i)]. LoRA trains
+y = base(x) + s * B(A(dropout(x))) with A: in -> r, B: r -> out (zeros), s = alpha / r. QA-LoRA feeds the
+adapter the group-pooled input instead, so A: n_groups -> r:
 
-    y = base(x) + s * B(A(dropout(c * pool(x))))  pool: [.., in] -> [.., n_groups], mean per quant group
-    A: n_groups -> r (Kaiming uniform as nn.Linear/peft, or xavier as the official code),
-    B: r -> out (zeros),  s = alpha / r
+    y = base(x) + s * B(A(dropout(c * pool(x))))      pool: [.., in] -> [.., n_groups], mean per quant group
 
-The adapter sees only per-group means, so its update is constant within each (row, group) and
-folds exactly into the biases (merge.py), whatever the constant c_g. c is `pool_scale`:
+Its update is then constant within each (row, group) and folds exactly into the biases (merge.py),
+whatever the constant c_g, the `pool_scale`:
 
     mean     c_g = 1          the official code (nn.AvgPool1d)
     sum      c_g = g          the paper's Algorithm 1 (the mean times D_in // L, the group size)
@@ -15,11 +15,9 @@ folds exactly into the biases (merge.py), whatever the constant c_g. c is `pool_
     ngroups  c_g = n_groups   PEFT's use_qalora (the mean times in_features // group_size)
 
 with g each group's own width (a short last group uses its own). The merge absorbs c, but AdamW is not
-scale-invariant in its input: c decides which learning rate trains the adapter well. The pooled width caps the rank that can do anything:
-rank(B @ A) <= n_groups (SmolLM2 at group 32: 576 / 32 = 18; at group 128: 5).
-
-LoRALinear is the QLoRA-style baseline the paper compares with: A sees the full input (A: in -> r),
-so B @ A is a dense update that can only be merged by dequantizing and quantizing again.
+scale-invariant in its input: c decides which learning rate trains the adapter well (docs/pooling.md).
+A starts as nn.Linear's Kaiming uniform (init "kaiming", as PEFT) or xavier uniform (the official code).
+The pooled width caps the useful rank: rank(B @ A) <= n_groups (SmolLM2 at group 32: 576 / 32 = 18).
 """
 import hashlib
 import json
@@ -30,132 +28,121 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from kernels import group_widths, pool_groups, qmatmul
-from model import UserError
+from cli import UserError, atomic_path
+from kernels import group_widths, pool_groups
 from quant import QuantLinear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 POOL_SCALES = ("mean", "sum", "sqrt", "ngroups")
 DEFAULT_POOL_SCALE = "mean"
 INITS = ("kaiming", "xavier")
 
 
 def pool_constants(widths, kind):
-    """c [n_groups]: the constant each group's mean is multiplied by before the adapter reads it."""
+    """c [n_groups]: what each group's mean is multiplied by before the adapter reads it."""
     if kind not in POOL_SCALES:
         raise UserError(f"unknown pool scale {kind!r}: choose one of {', '.join(POOL_SCALES)}")
     return {"mean": torch.ones_like(widths), "sum": widths, "sqrt": widths.sqrt(),
             "ngroups": torch.full_like(widths, len(widths))}[kind]
 
 
-def _init_A(lin, init):
-    if init not in INITS:
-        raise UserError(f"unknown adapter init {init!r}: choose one of {', '.join(INITS)}")
-    if init == "xavier":
-        nn.init.xavier_uniform_(lin.weight)
-    # kaiming: nn.Linear's own init, kept as it is
+class LoRALinear(nn.Module):
+    """Plain LoRA on a (quantized or float) linear: the QLoRA-style baseline. B @ A is a dense update, which
+    can only be merged by dequantizing and quantizing again."""
 
-
-class QALoRALinear(nn.Module):
-    """A frozen QuantLinear plus a low-rank adapter on its group-pooled input."""
-
-    def __init__(self, base: QuantLinear, rank: int, alpha: float, dropout: float = 0.0,
-                 pool_scale: str = "mean", init: str = "kaiming"):
+    def __init__(self, base, rank, alpha, dropout=0.0, init="kaiming", in_width=None):
         super().__init__()
+        if init not in INITS:
+            raise UserError(f"unknown adapter init {init!r}: choose one of {', '.join(INITS)}")
         self.base, self.rank, self.alpha, self.scaling = base, rank, alpha, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base.n_groups, rank, bias=False)
+        self.lora_A = nn.Linear(in_width or base.in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
-        _init_A(self.lora_A, init)
-        nn.init.zeros_(self.lora_B.weight)                             # starts as a zero update
+        if init == "xavier":
+            nn.init.xavier_uniform_(self.lora_A.weight)
+        nn.init.zeros_(self.lora_B.weight)  # starts as a zero update
+
+    def adapter_input(self, x):
+        return x
+
+    def forward(self, x):
+        y = self.base(x)
+        a = self.lora_A(self.dropout(self.adapter_input(x)).to(self.lora_A.weight.dtype))
+        return y + (self.scaling * self.lora_B(a)).to(y.dtype)
+
+
+class QALoRALinear(LoRALinear):
+    """A frozen QuantLinear plus a low-rank adapter on its group-pooled input."""
+
+    def __init__(self, base: QuantLinear, rank, alpha, dropout=0.0, init="kaiming", pool_scale="mean"):
+        super().__init__(base, rank, alpha, dropout, init, in_width=base.n_groups)
         widths = group_widths(base.in_features, base.group_size, dtype=torch.float64)
         self.pool_scale = pool_scale
         self.register_buffer("pool_c", pool_constants(widths, pool_scale), persistent=False)  # [n_groups]
 
-    def forward(self, x):
+    def adapter_input(self, x):
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # pool bf16/f16 inputs in f32
-        pooled = pool_groups(xf, self.base.group_size)                 # [..., n_groups]
-        # The base's bias term needs the same group sums, so it reuses the pool; dropout touches only the
-        # adapter's copy (Dropout is not in-place), so sharing is valid in training too.
-        y = qmatmul(x, self.base, impl=self.base.impl, pooled=pooled)  # [..., out]
-        a = self.lora_A(self.dropout(pooled * self.pool_c.to(pooled.dtype)).to(self.lora_A.weight.dtype))
-        return y + (self.scaling * self.lora_B(a)).to(y.dtype)
-
-
-class LoRALinear(nn.Module):
-    """Plain LoRA on a (quantized or float) linear: y = base(x) + s * B(A(dropout(x))), A: in -> r."""
-
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming"):
-        super().__init__()
-        self.base, self.rank, self.alpha, self.scaling = base, rank, alpha, alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
-        _init_A(self.lora_A, init)
-        nn.init.zeros_(self.lora_B.weight)
-
-    def forward(self, x):
-        y = self.base(x)
-        a = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))
-        return y + (self.scaling * self.lora_B(a)).to(y.dtype)
-
-
-ADAPTERS = {"qalora": QALoRALinear, "lora": LoRALinear}
+        return pool_groups(xf, self.base.group_size) * self.pool_c.to(xf.dtype)  # [..., n_groups]
 
 
 def adapter_layers(model):
-    """[(name, module)] of every adapter wrapper in the model, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QALoRALinear, LoRALinear))]
+    """[(name, module)] of every adapter in the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def add_adapters(model, rank, alpha, dropout=0.0, targets=TARGETS, method="qalora", pool_scale="mean",
-                 init="kaiming"):
-    """Wrap every target linear (never lm_head) in place, freeze everything else, return the adapter params.
-    pool_scale (QA-LoRA only) and init: see the module docstring."""
-    if method not in ADAPTERS:
+def add_adapters(model, rank, alpha, dropout=0.0, targets=TARGETS, method="qalora", pool_scale=DEFAULT_POOL_SCALE,
+                 init="kaiming", exclude=()):
+    """Wrap every target linear (never lm_head, nor the names in `exclude`) in place, freeze everything else,
+    return the adapter params."""
+    if method not in ("qalora", "lora"):
         raise UserError(f"unknown adapter method {method!r}: use 'qalora' or 'lora'")
-    pool_constants(torch.ones(1), pool_scale)  # a bad name fails here, before anything is wrapped
-    _init_A(nn.Linear(1, 1), init)
+    pool_constants(torch.ones(1), pool_scale)  # bad names fail before anything is wrapped
+    if init not in INITS:
+        raise UserError(f"unknown adapter init {init!r}: choose one of {', '.join(INITS)}")
     if rank < 1:
         raise UserError(f"adapter rank must be >= 1, got {rank}")
     if adapter_layers(model):
         raise UserError("the model already has adapters: merge or reload it before adding new ones")
     found = [(n, m) for n, m in model.named_modules()
-             if n.split(".")[-1] in targets and n != "lm_head" and isinstance(m, (QuantLinear, nn.Linear))]
+             if n.split(".")[-1] in targets and n != "lm_head" and n not in exclude
+             and isinstance(m, (QuantLinear, nn.Linear))]
     if not found:
         raise UserError(f"no linear layer named any of {list(targets)} to adapt")
     floats = [n for n, m in found if not isinstance(m, QuantLinear)]
     if method == "qalora" and floats:
         raise UserError(f"QA-LoRA adapts quantized layers but {floats[0]} ({len(floats)} in all) is float: quantize "
-                        f"the model first (quant.py) or load a Q4_1 GGUF with keep_quantized=True")
+                        f"the model first (quantize.py) or load a quantized GGUF with keep_quantized=True")
     for p in model.parameters():
         p.requires_grad_(False)
     params, capped = [], set()
     for name, mod in found:
-        if method == "qalora" and rank > mod.n_groups:
-            capped.add(mod.n_groups)
-        kw = dict(pool_scale=pool_scale) if method == "qalora" else {}
-        adapter = ADAPTERS[method](mod, rank, alpha, dropout, init=init, **kw).train(model.training)
+        if method == "qalora":
+            adapter = QALoRALinear(mod, rank, alpha, dropout, init, pool_scale)
+            if rank > mod.n_groups:
+                capped.add(mod.n_groups)
+        else:
+            adapter = LoRALinear(mod, rank, alpha, dropout, init)
         ref = mod.scales if isinstance(mod, QuantLinear) else mod.weight
-        for lin in (adapter.lora_A, adapter.lora_B):                 # move/cast the adapter only, never the base
+        for lin in (adapter.lora_A, adapter.lora_B):  # move/cast the adapter only, never the base
             lin.to(ref.device, torch.float64 if ref.dtype == torch.float64 else torch.float32)
-        model.set_submodule(name, adapter)
+        model.set_submodule(name, adapter.train(model.training))
         params += [adapter.lora_A.weight, adapter.lora_B.weight]
     if capped:
         warnings.warn(f"rank {rank} exceeds the pooled width {min(capped)} of some layers: "
                       f"rank(B @ A) <= n_groups, so the extra rank there is wasted")
     model.adapter_config = dict(method=method, rank=rank, alpha=alpha, dropout=dropout, targets=list(targets),
-                                pool_scale=pool_scale if method == "qalora" else None, init=init)
+                                pool_scale=pool_scale if method == "qalora" else None, init=init,
+                                exclude=sorted(exclude))
     return params
 
 
+# ----------------------------------------------------------------------------------------------------
+# saving and loading: adapter.safetensors (the A and B matrices) and adapter.json (how to rebuild them)
+
 def base_fingerprint(model):
     """sha256 over every adapted base layer's name, shapes, dtypes and bytes (codes, scales, biases, bias).
-
-    The biases are included on purpose: a merged model has different biases, so an adapter cannot be
-    loaded (and merged a second time) onto the model it was already merged into."""
+    The biases are included on purpose: a merged model has other biases, so an adapter cannot be loaded (and
+    merged a second time) onto the model it was already merged into."""
     h = hashlib.sha256()
     for name, layer in adapter_layers(model):
         for key, t in sorted(layer.base.state_dict().items()):
@@ -166,14 +153,14 @@ def base_fingerprint(model):
 
 
 def _quant_meta(model):
-    q = [m.base for _, m in adapter_layers(model) if isinstance(m.base, QuantLinear)]
-    return (q[0].bits, q[0].group_size) if q else (None, None)
-
-
-def _write_atomic(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    """{"bits", "group_size"} shared by every adapted layer, or both None and "layer_quant": {name: [bits, group]}
+    when the layers differ (a mixed GGUF such as Q4_K_M)."""
+    q = {n: [m.base.bits, m.base.group_size] for n, m in adapter_layers(model) if isinstance(m.base, QuantLinear)}
+    kinds = {tuple(v) for v in q.values()}
+    if len(kinds) > 1:
+        return dict(bits=None, group_size=None, layer_quant=q)
+    bits, group_size = kinds.pop() if kinds else (None, None)
+    return dict(bits=bits, group_size=group_size)
 
 
 def save_adapters(model, out_dir):
@@ -181,39 +168,37 @@ def save_adapters(model, out_dir):
     layers = adapter_layers(model)
     if not layers:
         raise UserError("the model has no adapters to save")
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {}
-    for name, m in layers:
-        tensors[f"{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
-        tensors[f"{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
-    bits, group_size = _quant_meta(model)
-    meta = dict(model.adapter_config, bits=bits, group_size=group_size,
+    tensors = {f"{name}.{part}.weight": getattr(m, part).weight.detach().contiguous().cpu()
+               for name, m in layers for part in ("lora_A", "lora_B")}
+    meta = dict(model.adapter_config, **_quant_meta(model),
                 fingerprint=base_fingerprint(model), layers=[n for n, _ in layers])
-    _write_atomic(os.path.join(out_dir, "adapter.safetensors"), lambda p: save_file(tensors, p))
-    _write_atomic(os.path.join(out_dir, "adapter.json"),
-                  lambda p: open(p, "w").write(json.dumps(meta, indent=2) + "\n"))
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_path(os.path.join(out_dir, "adapter.safetensors")) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_path(os.path.join(out_dir, "adapter.json")) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def read_adapter_config(adapter_dir):
+    """adapter.json; files written before pool_scale and init existed hold a mean-pooled, Kaiming adapter."""
     path = os.path.join(adapter_dir, "adapter.json")
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: pass a directory written by save_adapters")
     with open(path) as f:
-        return json.load(f)
+        cfg = json.load(f)
+    cfg.setdefault("pool_scale", "mean" if cfg.get("method") == "qalora" else None)
+    cfg.setdefault("init", "kaiming")
+    cfg.setdefault("exclude", [])
+    return cfg
 
 
 def load_adapters(model, adapter_dir):
     """Add adapters as recorded in adapter_dir (or check the existing ones match) and load their weights.
-
-    Refuses (UserError) an adapter trained on another base (fingerprint), or with another rank/method."""
+    Refuses (UserError) an adapter trained on another base (fingerprint), or of another kind."""
     cfg = read_adapter_config(adapter_dir)
-    if cfg["method"] == "qalora":  # written before pool_scale existed: the mean, as it was then
-        cfg.setdefault("pool_scale", "mean")
-    cfg.setdefault("pool_scale", None)
-    cfg.setdefault("init", "kaiming")
     if not adapter_layers(model):
         add_adapters(model, cfg["rank"], cfg["alpha"], cfg["dropout"], tuple(cfg["targets"]), cfg["method"],
-                     pool_scale=cfg["pool_scale"] or "mean", init=cfg["init"])
+                     pool_scale=cfg["pool_scale"] or DEFAULT_POOL_SCALE, init=cfg["init"], exclude=tuple(cfg["exclude"]))
     have = model.adapter_config
     for key in ("method", "rank", "alpha", "pool_scale"):
         if have[key] != cfg[key]:
@@ -223,9 +208,10 @@ def load_adapters(model, adapter_dir):
         raise UserError(f"{adapter_dir} adapts other layers ({len(cfg['layers'])}, first {cfg['layers'][0]}) than "
                         f"the model has ({len(adapter_layers(model))}): check the targets and the base model")
     if base_fingerprint(model) != cfg["fingerprint"]:
-        bits, gs = _quant_meta(model)
+        q = _quant_meta(model)
         raise UserError(f"{adapter_dir} was trained on another base model (fingerprint mismatch; adapter: "
-                        f"bits={cfg['bits']} group_size={cfg['group_size']}, model: bits={bits} group_size={gs}); "
+                        f"bits={cfg['bits']} group_size={cfg['group_size']}, model: bits={q['bits']} "
+                        f"group_size={q['group_size']}); "
                         f"load the exact quantized base it was trained on (not a merged one)")
     tensors = load_file(os.path.join(adapter_dir, "adapter.safetensors"))
     params = []
@@ -239,5 +225,6 @@ def load_adapters(model, adapter_dir):
             with torch.no_grad():
                 w.copy_(t)
             params.append(w)
-    model.adapter_config = {k: cfg[k] for k in ("method", "rank", "alpha", "dropout", "targets", "pool_scale", "init")}
+    model.adapter_config = {k: cfg[k] for k in ("method", "rank", "alpha", "dropout", "targets", "pool_scale", "init",
+                                                "exclude")}
     return params

@@ -1,8 +1,6 @@
 """
-Weight quantization: min-max round-to-nearest (RTN), bit packing, GPTQ, QuantLinear,
-and whole-model quantization with calibration. Also a CLI:
-
-    python quant.py --model PATH --bits 4 --group-size 32 --quant gptq --calib FILE --out DIR
+Weight quantization: min-max round-to-nearest (RTN), GPTQ, QuantLinear, and whole-model quantization
+with calibration (the command line is quantize.py; the bit layout is kernels.py's).
 
 Convention (DESIGN.md, "The algorithm in one screen"): a weight W [out, in] is cut along
 `in` into consecutive groups of `group_size` columns (the last group is shorter when `in`
@@ -15,48 +13,29 @@ picks biases = min and scales = (max - min) / (2^bits - 1), so both ends of ever
 are hit exactly. scales and biases are float32 (QA-LoRA's merge adds a non-integer to
 the biases, so an integer zero point would not do).
 """
-import argparse
 import contextlib
-import json
-import os
 import sys
 
 import torch
 import torch.nn as nn
 
-BITS = (2, 3, 4, 8)
+import kernels
+from cli import UserError
+# the bit layout lives in kernels.py; quant.dequantize, pack, unpack and group_sizes stay importable here
+from kernels import dequantize, effective_group_size, expand_groups, group_sizes, pack, packed_width, unpack  # noqa: F401
 
-
-def _error(msg):
-    """The project's UserError (model.py), imported lazily: model.py imports this file."""
-    try:
-        from model import UserError
-    except ImportError:  # model.py not importable (e.g. quant.py used on its own)
-        UserError = ValueError
-    return UserError(msg)
+BITS = (2, 3, 4, 5, 6, 8)
 
 
 def check_bits_group(bits, group_size):
     if bits not in BITS:
-        raise _error(f"bits={bits!r} is not supported; use one of {BITS}")
+        raise UserError(f"bits={bits!r} is not supported; use one of {BITS}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size > 0 or group_size == -1):
-        raise _error(f"group_size={group_size!r} must be a positive integer, or -1 for whole rows")
+        raise UserError(f"group_size={group_size!r} must be a positive integer, or -1 for whole rows")
 
 
 # -----------------------------------------------------------------------------
 # groups
-
-def effective_group_size(in_features, group_size):
-    """-1 means one group per row; a group larger than the row is the row."""
-    return in_features if group_size == -1 else min(group_size, in_features)
-
-
-def group_sizes(in_features, group_size):
-    """Width of each group: [gs, gs, ..., gs, rest]; e.g. (172, 32) -> [32]*5 + [12]."""
-    gs = effective_group_size(in_features, group_size)
-    n_full, rest = divmod(in_features, gs)
-    return [gs] * n_full + ([rest] if rest else [])
-
 
 def _group_reduce(w, group_size, op):
     """op (torch.amin / torch.amax) over each group of columns: [out, in] -> [out, n_groups]."""
@@ -67,13 +46,6 @@ def _group_reduce(w, group_size, op):
     if in_features % gs:  # the short last group
         parts.append(op(w[:, n_full * gs:], dim=1, keepdim=True))  # [out, 1]
     return torch.cat(parts, dim=1)
-
-
-def _expand(p, in_features, group_size):
-    """Per-group parameter [out, n_groups] -> per-column [out, in] (the short last group is cut)."""
-    out, n_groups = p.shape
-    gs = effective_group_size(in_features, group_size)
-    return p.unsqueeze(2).expand(out, n_groups, gs).reshape(out, n_groups * gs)[:, :in_features]
 
 
 # -----------------------------------------------------------------------------
@@ -102,71 +74,8 @@ def quantize(w, bits, group_size):
     wmin = _group_reduce(w, group_size, torch.amin)  # [out, G]
     wmax = _group_reduce(w, group_size, torch.amax)  # [out, G]
     scales, biases = (wmax - wmin) / (2**bits - 1), wmin
-    q = _round(w, _expand(scales, in_features, group_size), _expand(biases, in_features, group_size), bits)
+    q = _round(w, expand_groups(scales, in_features, group_size), expand_groups(biases, in_features, group_size), bits)
     return q.to(torch.uint8), scales, biases
-
-
-def dequantize(q, scales, biases, group_size):
-    """w~ = scales * q + biases, per (row, group). -> float32 [out, in]."""
-    in_features = q.shape[1]
-    assert scales.shape == biases.shape == (q.shape[0], len(group_sizes(in_features, group_size))), (
-        f"scales {tuple(scales.shape)} / biases {tuple(biases.shape)} do not match codes {tuple(q.shape)} "
-        f"with group_size={group_size}")
-    s = _expand(scales.float(), in_features, group_size)  # [out, in]
-    b = _expand(biases.float(), in_features, group_size)  # [out, in]
-    return s * q.float() + b
-
-
-# -----------------------------------------------------------------------------
-# bit packing
-#
-# Each row of codes is one LSB-first bit stream: code j occupies stream bits
-# [j*bits, (j+1)*bits), least significant bit first, and stream bit b is bit (b % 8) of
-# byte b // 8. The row is padded with zero bits to a whole number of bytes, so a row of
-# `in` codes takes ceil(in * bits / 8) bytes. Consequences: 8 bits is the identity;
-# 4 bits puts code 2k in the low nibble of byte k and code 2k+1 in the high nibble;
-# 2 bits puts code 4k+t at bits [2t, 2t+2) of byte k; 3 bits packs 8 codes into 3 bytes
-# with codes crossing byte boundaries (no wasted bits).
-
-def packed_width(in_features, bits):
-    return (in_features * bits + 7) // 8
-
-
-def pack(q, bits):
-    """q uint8 [out, in] with values < 2^bits -> packed uint8 [out, ceil(in*bits/8)]."""
-    check_bits_group(bits, 1)
-    assert q.dim() == 2, f"pack expects codes [out, in], got shape {tuple(q.shape)}"
-    out, in_features = q.shape
-    q = q.to(torch.int32)
-    assert q.numel() == 0 or (q.min() >= 0 and q.max() < 2**bits), f"codes out of range for {bits} bits"
-    nbytes = packed_width(in_features, bits)
-    if 8 % bits == 0:  # 2, 4, 8: whole codes per byte
-        per = 8 // bits
-        q = nn.functional.pad(q, (0, nbytes * per - in_features))  # [out, nbytes*per]
-        shifts = torch.arange(per, dtype=torch.int32) * bits  # [per]
-        return (q.view(out, nbytes, per) << shifts).sum(dim=2).to(torch.uint8)
-    # general case (3 bits): spell the bit stream out, then regroup it into bytes
-    bit = torch.arange(bits, dtype=torch.int32)
-    stream = ((q.unsqueeze(2) >> bit) & 1).reshape(out, in_features * bits)  # [out, in*bits]
-    stream = nn.functional.pad(stream, (0, nbytes * 8 - in_features * bits))  # [out, nbytes*8]
-    return (stream.view(out, nbytes, 8) << torch.arange(8, dtype=torch.int32)).sum(dim=2).to(torch.uint8)
-
-
-def unpack(packed, bits, in_features):
-    """Inverse of pack: packed uint8 [out, ceil(in*bits/8)] -> codes uint8 [out, in]."""
-    check_bits_group(bits, 1)
-    out, nbytes = packed.shape
-    assert nbytes == packed_width(in_features, bits), (
-        f"packed width {nbytes} does not match in_features={in_features} at {bits} bits")
-    p = packed.to(torch.int32)
-    if 8 % bits == 0:
-        per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.int32) * bits  # [per]
-        q = (p.unsqueeze(2) >> shifts) & (2**bits - 1)  # [out, nbytes, per]
-        return q.reshape(out, nbytes * per)[:, :in_features].to(torch.uint8)
-    stream = (p.unsqueeze(2) >> torch.arange(8, dtype=torch.int32)) & 1  # [out, nbytes, 8]
-    stream = stream.reshape(out, nbytes * 8)[:, : in_features * bits].view(out, in_features, bits)
-    return (stream << torch.arange(bits, dtype=torch.int32)).sum(dim=2).to(torch.uint8)
 
 
 # -----------------------------------------------------------------------------
@@ -196,7 +105,7 @@ def _cholesky_inverse_upper(H, damp):
             print(f"warning: gptq: Hessian not positive definite with damp={damp:g}; "
                   f"retrying with damp={damp * 10:g}", file=sys.stderr)
         damp *= 10
-    raise _error("gptq: Hessian is not positive definite even with heavy dampening; check the calibration data")
+    raise UserError("gptq: Hessian is not positive definite even with heavy dampening; check the calibration data")
 
 
 @contextlib.contextmanager
@@ -223,7 +132,7 @@ def gptq(w, H, bits, group_size, damp=0.01, block_size=128, act_order=False, sta
 def _gptq(w, H, bits, group_size, damp, block_size, act_order, static_groups):
     check_bits_group(bits, group_size)
     if act_order and not static_groups:
-        raise _error("gptq: act_order=True needs static_groups=True (groups are stored as consecutive "
+        raise UserError("gptq: act_order=True needs static_groups=True (groups are stored as consecutive "
                      "columns, so their parameters must be fixed before the columns are permuted)")
     W = w.detach().float().clone()
     H = H.detach().float().clone()
@@ -299,7 +208,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group_size = effective_group_size(in_features, group_size)
         self.n_groups = len(group_sizes(in_features, group_size))
-        self.impl = "auto"
+        self.impl = "auto"       # kernels.qmatmul's impl
+        self.kernel_cache = {}   # code layouts the kernels derive from qweight (kernels._cached)
+        self.ggml_type = None    # the GGUF block type the codes were read from (export.py writes it back)
         self.register_buffer("qweight", torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, self.n_groups))
         self.register_buffer("biases", torch.zeros(out_features, self.n_groups))
@@ -333,7 +244,6 @@ class QuantLinear(nn.Module):
         return dequantize(self.codes(), self.scales, self.biases, self.group_size).to(dtype)
 
     def forward(self, x):
-        import kernels  # imported here: kernels.py needs this module's layout helpers
         return kernels.qmatmul(x, self, impl=self.impl)
 
     def extra_repr(self):
@@ -490,13 +400,13 @@ def quantize_model(model, bits, group_size, method="rtn", calib=None, batch_size
     "gptq" (calib: LongTensor [n, T] of token ids; gptq_kw go to `gptq`). Returns the model."""
     check_bits_group(bits, group_size)
     if method not in ("rtn", "gptq"):
-        raise _error(f"quantization method {method!r} is unknown; use 'rtn' or 'gptq'")
+        raise UserError(f"quantization method {method!r} is unknown; use 'rtn' or 'gptq'")
     if method == "rtn":
         for name, m in _targets(model):
             _set_module(model, name, QuantLinear.from_linear(m, bits, group_size).to(m.weight.device))
     else:
         if calib is None or calib.dim() != 2 or calib.numel() == 0:
-            raise _error("gptq needs calibration token ids: a LongTensor [n, T] (quant.py: --calib FILE)")
+            raise UserError("gptq needs calibration token ids: a LongTensor [n, T] (quant.py: --calib FILE)")
         from tqdm import tqdm
         was_training = model.training
         model.eval()
@@ -509,60 +419,3 @@ def quantize_model(model, bits, group_size, method="rtn", calib=None, batch_size
             _set_module(model, name, QuantLinear.from_linear(m, bits, group_size).to(m.weight.device))
     model.quantization = {"bits": bits, "group_size": group_size, "method": method, "format": "affine"}
     return model
-
-
-# -----------------------------------------------------------------------------
-# CLI
-
-def main(argv=None):
-    from model import ArgumentParser
-    p = ArgumentParser(description="Quantize a model (min-max RTN or GPTQ) and save a quantized checkpoint.")
-    p.add_argument("--model", default=None, help="HF dir, .gguf, or checkpoint dir (default: embedded SmolLM2)")
-    p.add_argument("--bits", type=int, default=4, choices=BITS)
-    p.add_argument("--group-size", type=int, default=32, help="columns per group; -1 = whole rows")
-    p.add_argument("--quant", default="rtn", choices=["rtn", "gptq"])
-    p.add_argument("--calib", default=None, help="calibration text file (gptq)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
-    p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--act-order", action="store_true", help="gptq act-order (implies --static-groups)")
-    p.add_argument("--static-groups", action="store_true", help="gptq: group parameters fixed before the sweep")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-
-    import time
-    import data
-    import model as model_lib
-    import tokenizer as tokenizer_lib
-
-    check_bits_group(args.bits, args.group_size)
-    path = args.model or model_lib.embedded_model_path()
-    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise _error(f"--out {args.out} exists and is not empty; pass --overwrite or choose another directory")
-    calib = None
-    if args.quant == "gptq":
-        if args.calib is None:
-            raise _error("--quant gptq needs --calib FILE (a text file to calibrate on)")
-        if args.nsamples < 1 or args.seq_len < 1:
-            raise _error(f"--nsamples {args.nsamples} and --seq-len {args.seq_len} must be at least 1")
-        tok = tokenizer_lib.load_tokenizer(path)
-        calib = data.calibration_windows(tok, args.calib, n=args.nsamples, seq_len=args.seq_len, seed=args.seed)
-    torch.manual_seed(args.seed)
-    model = model_lib.Transformer.from_pretrained(path)
-    t0 = time.time()
-    quantize_model(model, args.bits, args.group_size, method=args.quant, calib=calib, batch_size=args.batch_size,
-                   **({"damp": args.damp, "block_size": args.block_size, "act_order": args.act_order,
-                       "static_groups": args.static_groups or args.act_order} if args.quant == "gptq" else {}))
-    seconds = time.time() - t0
-    model.save_pretrained(args.out)  # also saves the source's tokenizer beside the weights
-    print(json.dumps({"out": args.out, "bits": args.bits, "group_size": args.group_size, "method": args.quant,
-                      "seconds": round(seconds, 1)}))
-
-
-if __name__ == "__main__":
-    from model import run_cli
-    run_cli(main)

@@ -34,6 +34,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,10 +42,17 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 import data
 import eval as E
-from model import ArgumentParser, Transformer, UserError, atomic_path, embedded_model_path, run_cli
+import kernels
+import merge
+import qalora
+import quant
+from cli import ArgumentParser, UserError, atomic_path, embedded_model_path, run_cli
+from model import Transformer
+from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent
 
@@ -55,6 +63,8 @@ ROOT = Path(__file__).resolve().parent
 # raise --steps and the --limit-* flags for tighter error bars when more time is available
 FULL = dict(steps=40, batch_size=8, seq_len=256, n_train=2000, n_heldout=64, alpaca_heldout=50,
             calib_windows=128, calib_len=256, limit_arc=200, limit_hellaswag=200, limit_mmlu=200)
+# each method's peak lr per bit width, chosen on a validation split by sweep.py (docs/pooling.md)
+CHOSEN_LR = {"qalora": {4: 1e-3, 3: 1e-3, 2: 1e-3, 8: 1e-3}, "lora": {4: 1e-3, 3: 1e-3, 2: 1e-3, 8: 1e-3}}
 QUICK = dict(steps=16, batch_size=4, seq_len=128, n_train=400, n_heldout=24, alpaca_heldout=12,
              calib_windows=8, calib_len=256, limit_arc=24, limit_hellaswag=16, limit_mmlu=24)
 
@@ -69,7 +79,9 @@ def get_args(argv=None):
     a("--steps", type=int, default=None, help=f"optimizer steps per run [{FULL['steps']}; quick {QUICK['steps']}]")
     a("--batch-size", type=int, default=None, help=f"examples per step [{FULL['batch_size']}]")
     a("--seq-len", type=int, default=None, help=f"training truncation [{FULL['seq_len']}; quick {QUICK['seq_len']}]")
-    a("--lr", type=float, default=1e-3)
+    a("--lr", type=float, default=None,
+      help="peak lr of both methods (default: each method's lr at each bit width, chosen on validation by sweep.py)")
+    a("--pool-scale", default=qalora.DEFAULT_POOL_SCALE, choices=qalora.POOL_SCALES, help="QA-LoRA's pool scale")
     a("--rank", type=int, default=16)
     a("--alpha", type=float, default=16.0)
     a("--dropout", type=float, default=0.05)
@@ -120,7 +132,7 @@ def get_args(argv=None):
 
 
 # settings that define the results (a --resume must match them); the rest only change how it runs
-RESULT_KEYS = ("quick", "model", "bits", "group_size", "steps", "batch_size", "seq_len", "lr", "rank", "alpha",
+RESULT_KEYS = ("quick", "model", "bits", "group_size", "steps", "batch_size", "seq_len", "lr", "pool_scale", "rank", "alpha",
                "dropout", "n_train", "n_heldout", "alpaca", "alpaca_heldout", "calib", "calib_windows", "calib_len",
                "data_dir", "limit_arc", "limit_hellaswag", "limit_mmlu", "mmlu_shots", "seed")
 
@@ -146,7 +158,8 @@ def say(*a):
 
 
 def build_data(args, tok, work):
-    """Writes work/train_mix.jsonl (synthetic train + Alpaca train) and returns the held-out Examples."""
+    """Writes work/train_mix.jsonl (synthetic train + Alpaca train); returns (its path, the Alpaca held-out
+    Examples)."""
     syn_train, syn_held = data.synthetic_splits(args.seed, args.n_train, args.n_heldout)
     alp_train, alp_held = data.split_records(data.load_records(args.alpaca), args.alpaca_heldout, args.seed)
     mix = work / "train_mix.jsonl"
@@ -164,7 +177,6 @@ def build_data(args, tok, work):
 @torch.no_grad()
 def weight_error(model, ref):
     """max and mean |w~ - w| over the quantized linears, against the float reference model."""
-    import quant
     ref_mods = dict(ref.named_modules())
     mx, total, n = 0.0, 0.0, 0
     for name, m in model.named_modules():
@@ -172,6 +184,47 @@ def weight_error(model, ref):
             d = (m.dequantize_weight() - ref_mods[name].weight.float()).abs()
             mx, total, n = max(mx, d.max().item()), total + d.sum().item(), n + d.numel()
     return {"max_abs_dw": mx, "mean_abs_dw": total / n}
+
+
+@torch.no_grad()
+def error_reach(qmodel, fmodel, calib, rank):
+    """How much of the quantization error E = W~ - W an update of each kind could remove at best, summed over
+    the quantized linears, plain (||.||_F^2) and weighted by the layer inputs of the float model on `calib`
+    (H = X^T X, so e H e^T is the output error the base adds). A QA-LoRA update is constant within each
+    (row, group): it can remove only E's projection onto group constants ("group-constant"), and at rank r only
+    the top r singular directions of that ("QA-LoRA rank r"); a LoRA update is any rank-r matrix ("LoRA rank r").
+    Returns {kind: {"plain": share, "weighted": share}}, shares of the error energy in [0, 1]."""
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, a, y, n=n: inputs.__setitem__(n, inputs.get(n, 0) +
+             (lambda x: x.T @ x)(a[0].reshape(-1, a[0].shape[-1]).double())))
+             for n, m in fmodel.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    try:
+        for b in range(0, calib.shape[0], 4):
+            fmodel(calib[b:b + 4])
+    finally:
+        for h in hooks:
+            h.remove()
+    ref = dict(fmodel.named_modules())
+    total = {w: 0.0 for w in ("plain", "weighted")}
+    removed = {k: dict(total) for k in ("group-constant", f"QA-LoRA rank {rank}", f"LoRA rank {rank}")}
+    for name, m in qmodel.named_modules():
+        if not isinstance(m, quant.QuantLinear):
+            continue
+        E = m.dequantize_weight(torch.float64) - ref[name].weight.double()           # [out, in]
+        widths = kernels.group_widths(m.in_features, m.group_size, dtype=torch.float64)
+        P = torch.repeat_interleave(torch.eye(len(widths), dtype=torch.float64), widths.long(), dim=0)  # [in, ng]
+        evals, evecs = torch.linalg.eigh(inputs[name])
+        for weight, R in (("plain", torch.eye(m.in_features, dtype=torch.float64)),
+                          ("weighted", evecs * evals.clamp_min(0).sqrt() @ evecs.T)):  # R = H^(1/2)
+            ER, Q = E @ R, R @ P                                                      # [out, in], [in, ng]
+            total[weight] += ER.pow(2).sum().item()
+            qe, qv = torch.linalg.eigh(Q.T @ Q)                                     # (Q^T Q)^(-1/2)
+            A = ER @ Q @ (qv / qe.clamp_min(1e-30).sqrt() @ qv.T)                   # E R projected on span(Q)
+            s_group = torch.linalg.svdvals(A).pow(2)
+            removed["group-constant"][weight] += s_group.sum().item()
+            removed[f"QA-LoRA rank {rank}"][weight] += s_group[:rank].sum().item()
+            removed[f"LoRA rank {rank}"][weight] += torch.linalg.svdvals(ER).pow(2)[:rank].sum().item()
+    return {k: {w: v[w] / total[w] if total[w] else float("nan") for w in v} for k, v in removed.items()}
 
 
 def evaluate(model, tok, args, alp_held_ex):
@@ -193,32 +246,35 @@ def evaluate(model, tok, args, alp_held_ex):
 # training: train.py in a subprocess on the saved quantized base
 
 
+def lr_for(args, method, bits):
+    """--lr, else the sweep's choice on validation for this method and bit width (docs/pooling.md)."""
+    return args.lr if args.lr is not None else CHOSEN_LR[method][bits]
+
+
 def train_run(args, base_dir, mix, method, bits, run_dir, log_path):
-    """Run train.py; returns (run_dir, wall seconds, peak RSS of the training process in MB)."""
+    """Run train.py; returns the wall seconds. Its peak memory is in its metrics.jsonl (VmHWM)."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(base_dir), "--quant", "native",
            "--bits", str(bits), "--group-size", str(args.group_size), "--data", str(mix), "--template", "alpaca",
            "--method", method, "--rank", str(args.rank), "--alpha", str(args.alpha), "--dropout", str(args.dropout),
-           "--lr", str(args.lr), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--pool-scale", args.pool_scale,
+           "--lr", repr(lr_for(args, method, bits)), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--max-steps", str(args.steps), "--n-heldout", "8", "--eval-every", "0", "--save-every", "0",
            "--seed", str(args.seed), "--out", str(run_dir), "--overwrite", "--no-gguf", "--time-budget", "0",
            "--threads", str(args.threads)]
     say(f"train: {' '.join(cmd[1:])}")
     t0 = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)   # this child's own resource usage (peak RSS)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if rc != 0:
         tail = Path(log_path).read_text().strip().splitlines()[-3:]
-        raise UserError(f"train.py ({method}, {bits} bits) failed with exit code {proc.returncode}: "
+        raise UserError(f"train.py ({method}, {bits} bits) failed with exit code {rc}: "
                         f"{' | '.join(tail)} (log: {log_path})")
-    rss_mb = usage.ru_maxrss / 1024 if sys.platform != "darwin" else usage.ru_maxrss / 2**20
-    return time.time() - t0, rss_mb
+    return time.time() - t0
 
 
 def run_stats(run_dir, args_steps):
-    """Trainable parameters (the saved adapter) and seconds per step (median over the run's steps)."""
-    from safetensors import safe_open
+    """Trainable parameters (the saved adapter), seconds per step (median over the run's steps) and the
+    training process's peak resident memory (VmHWM, which train.py writes to metrics.jsonl)."""
     with safe_open(str(Path(run_dir) / "adapter" / "adapter.safetensors"), "pt") as f:
         n_params = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
     recs = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
@@ -226,7 +282,7 @@ def run_stats(run_dir, args_steps):
     assert len(steps) == args_steps, f"{run_dir} ran {len(steps)} steps, not {args_steps}: (c) and (d) must match"
     final = next((r for r in recs if r.get("final")), {})
     return {"trainable_params": n_params, "s_per_step": statistics.median(steps), "steps": len(steps),
-            "train_seconds": final.get("train_seconds"),
+            "train_seconds": final.get("train_seconds"), "peak_rss_mb": final.get("peak_rss_mb"),
             "final_train_loss": statistics.mean(r["loss"] for r in recs if "loss" in r and r.get("step", 0) > len(steps) - 10)}
 
 # -----------------------------------------------------------------------------
@@ -244,7 +300,9 @@ def markdown(args, rows, table2, meta):
              f"Hardware: {meta['hardware']}; torch {torch.__version__}; {args.threads} threads; "
              f"kernels {'compiled' if args.compile else 'eager (QALORA_COMPILE=0)'}; "
              f"wall time {meta['wall_seconds'] / 60:.1f} min.", "",
-             f"Group size {args.group_size}; training: {args.steps} steps × {args.batch_size} examples, lr {args.lr}, "
+             f"Group size {args.group_size}; training: {args.steps} steps × {args.batch_size} examples, "
+             f"lr {'%g for both' % args.lr if args.lr is not None else 'per method and bit width (the Table 2 rows)'}, "
+             f"QA-LoRA pool scale {args.pool_scale}, "
              f"rank {args.rank}, alpha {args.alpha}, dropout {args.dropout}, seed {args.seed}, seq-len {args.seq_len}, "
              f"on {meta['n_train_records']} records (synthetic train + Alpaca-1k train). GPTQ: "
              f"{args.calib_windows} × {args.calib_len} tokens of {Path(args.calib).name}.", "",
@@ -263,15 +321,24 @@ def markdown(args, rows, table2, meta):
     lines += ["", "Weight error of the untrained quantized bases against the fp32 reference (max / mean |w~ - w|): "
               + "; ".join(f"{r['name']} {r['max_abs_dw']:.2e} / {r['mean_abs_dw']:.2e}" for r in rows
                           if "max_abs_dw" in r) + ".",
-              "", "Notes: MMLU at 135M parameters is near chance (25%) for every row, so its differences are "
+              "", "What an update can remove of each GPTQ base's quantization error E = W~ - W at best (share of "
+              "||E||² plain, and of the output error weighted by the float model's inputs on 16 calibration "
+              "windows): a QA-LoRA update is constant per (row, group), a LoRA update any rank-r matrix.", "",
+              "| base | group-constant (any rank) | QA-LoRA rank r | LoRA rank r |", "|---|---|---|---|"]
+    for r in rows:
+        if "error_reach" in r:
+            v = list(r["error_reach"].values())
+            lines.append(f"| {r['name']} | " + " | ".join(f"{x['plain']:.1%} plain, {x['weighted']:.1%} weighted"
+                                                         for x in v) + " |")
+    lines += ["", "Notes: MMLU at 135M parameters is near chance (25%) for every row, so its differences are "
               f"noise: at n = {args.limit_mmlu} the standard error near 25% is "
               f"{100 * E.stderr(0.25, args.limit_mmlu):.1f} points, so differences under about twice that are "
               "not significant. Exact match and held-out loss on the synthetic tasks are the primary signals here."]
-    lines += ["", "Table 2 analog (training runs above; peak RSS is the whole train.py process):", "",
-              "| method | bits | trainable params | s/step (median) | train wall (s) | peak RSS (MB) | "
-              "unmerged synth loss | merged synth loss |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Table 2 analog (training runs above; peak RSS is the train.py process's VmHWM):", "",
+              "| method | bits | lr | trainable params | s/step (median) | train wall (s) | peak RSS (MB) | "
+              "unmerged synth loss | merged synth loss |", "|---|---|---|---|---|---|---|---|---|"]
     for t in table2:
-        lines.append(f"| {t['method']} | {t['bits']} | {t['trainable_params']:,} | {t['s_per_step']:.2f} | "
+        lines.append(f"| {t['method']} | {t['bits']} | {t.get('lr', args.lr)} | {t['trainable_params']:,} | {t['s_per_step']:.2f} | "
                      f"{t['train_seconds']} | {t['peak_rss_mb']:.0f} | {t['unmerged_synth_loss']:.4f} | "
                      f"{t['merged_synth_loss']:.4f} |")
     return "\n".join(lines) + "\n"
@@ -284,8 +351,8 @@ def main(argv=None):
     args = get_args(argv)
     t_start = time.time()
     args.threads = args.threads or os.cpu_count() or 1
-    if "kernels" not in sys.modules:  # read by kernels.py at import, inherited by the train.py processes
-        os.environ["QALORA_COMPILE"] = "1" if args.compile else "0"
+    kernels.COMPILE = args.compile  # this process, and (through the environment) the train.py runs
+    os.environ["QALORA_COMPILE"] = "1" if args.compile else "0"
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work, rows_dir = out / "work", out / "rows"
@@ -301,20 +368,15 @@ def main(argv=None):
             raise UserError(f"{out} holds results: pass --resume to continue them, --overwrite to replace them, "
                             f"or choose another --out")
     if args.overwrite and rows_dir.is_dir():
-        import shutil
         shutil.rmtree(rows_dir)
     for d in (work, rows_dir):
         d.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(json.dumps(settings, indent=2) + "\n")
 
-    import merge
-    import qalora
-    import quant
-    from tokenizer import load_tokenizer
     path = args.model or embedded_model_path()
     tok = load_tokenizer(path)
     mix, alp_held_ex = build_data(args, tok, work)
-    syn_train, syn_held = data.synthetic_splits(args.seed, args.n_train, args.n_heldout)
+    _, syn_held = data.synthetic_splits(args.seed, args.n_train, args.n_heldout)
     syn_held_ex, _ = data.build_examples(syn_held, tok, "alpaca")
     calib = data.calibration_windows(tok, args.calib, n=args.calib_windows, seq_len=args.calib_len, seed=args.seed)
 
@@ -355,20 +417,23 @@ def main(argv=None):
             t0 = time.time()
             m = quant.quantize_model(copy.deepcopy(get_float()), bits, args.group_size, "gptq", calib=calib,
                                      progress=False)
-            m.save_pretrained(base_dir)
+            m.save_pretrained(base_dir, tokenizer=tok)
             (work / f"gptq{bits}.seconds").write_text(f"{time.time() - t0:.1f}\n")
             del m
         def gptq_row(base_dir=base_dir):
             m = Transformer.from_pretrained(base_dir)
-            return m, weight_error(m, get_float())
+            reach = error_reach(m, get_float(), calib[:16], args.rank)
+            say(f"GPTQ {bits}-bit: share of the quantization error an update can remove: " + "; ".join(
+                f"{k} {v['plain']:.1%} plain, {v['weighted']:.1%} weighted" for k, v in reach.items()))
+            return m, dict(weight_error(m, get_float()), error_reach=reach)
         rows.append(row(f"{bits}-bit GPTQ", bits, f"gptq{bits}", gptq_row))
 
         for method, label in (("lora", "QLoRA w/ GPTQ"), ("qalora", "QA-LoRA")):
             run_dir = work / f"{method}{bits}"
 
             def trained(method=method, run_dir=run_dir):
-                wall, rss = train_run(args, base_dir, mix, method, bits, run_dir, work / f"{method}{bits}.log")
-                stats = dict(run_stats(run_dir, args.steps), wall_seconds=round(wall, 1), peak_rss_mb=rss)
+                wall = train_run(args, base_dir, mix, method, bits, run_dir, work / f"{method}{bits}.log")
+                stats = dict(run_stats(run_dir, args.steps), wall_seconds=round(wall, 1), lr=lr_for(args, method, bits))
                 model = Transformer.from_pretrained(base_dir)              # the base it trained on
                 qalora.load_adapters(model, run_dir / "adapter")
                 stats["unmerged_synth_loss"] = E.response_loss(model.eval(), syn_held_ex)

@@ -14,7 +14,8 @@ import json
 import struct
 from pathlib import Path
 
-from model import UserError
+from cli import UserError
+from gguf_codec import gguf_field, gguf_reader
 
 
 class Tokenizer:
@@ -149,7 +150,6 @@ def _pb(field: int, value) -> bytes:
 
 def _sentencepiece_proto(r) -> bytes:
     """ModelProto {pieces = 1, trainer_spec = 2, normalizer_spec = 3} from a GGUF reader's tokenizer.ggml.* keys."""
-    from model import gguf_field
     g = lambda k, d=None: gguf_field(r, "tokenizer.ggml." + k, d)  # noqa: E731
     tokens = g("tokens")
     scores = g("scores") or [0.0] * len(tokens)
@@ -174,7 +174,6 @@ def _sentencepiece_proto(r) -> bytes:
 
 
 def _gguf_tokenizer(path: Path) -> Tokenizer:
-    from model import gguf_field, gguf_reader
     r = gguf_reader(path)
     kind = gguf_field(r, "tokenizer.ggml.model")
     if kind not in ("gpt2", "llama") or not gguf_field(r, "tokenizer.ggml.tokens"):
@@ -188,7 +187,6 @@ def _gguf_tokenizer(path: Path) -> Tokenizer:
 
 def _gguf_bpe_tokenizer(r) -> Tokenizer:
     from tokenizers import AddedToken, Tokenizer as TK, decoders, models
-    from model import gguf_field
     tokens = gguf_field(r, "tokenizer.ggml.tokens")
     merges = gguf_field(r, "tokenizer.ggml.merges") or []
     types = gguf_field(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -243,17 +241,22 @@ def _sentencepiece_file(path: Path) -> Tokenizer:
     return SentencePieceTokenizer(path, bool(cfg.get("add_bos_token", True)), cfg.get("chat_template"))
 
 
-def load_tokenizer(path) -> Tokenizer:
-    """A tokenizer from a model directory (tokenizer.model or tokenizer.json) or a GGUF file."""
+def load_tokenizer(path, optional=False) -> Tokenizer | None:
+    """A tokenizer from a model directory (tokenizer.model or tokenizer.json) or a GGUF file. optional=True:
+    None for a model that has none (weights only, a GGUF without tokenizer.ggml.*); broken files still raise."""
     path = Path(path)
     if path.is_file():
         if path.suffix == ".model":
             return _sentencepiece_file(path)
         if path.suffix == ".json":
             return _hf_json_tokenizer(path.parent)
+        if optional and gguf_field(gguf_reader(path), "tokenizer.ggml.model") is None:
+            return None
         return _gguf_tokenizer(path)
     if (path / "tokenizer.model").is_file():
         return _sentencepiece_file(path / "tokenizer.model")
     if (path / "tokenizer.json").is_file():
         return _hf_json_tokenizer(path)
+    if optional:
+        return None
     raise UserError(f"no tokenizer found at {path} (expected tokenizer.model, tokenizer.json or a .gguf file)")

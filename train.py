@@ -16,13 +16,16 @@ rename), adapter/, merged/ (the merged quantized checkpoint + tokenizer), merged
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +33,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
+import eval as E
+import export
+import merge
 import qalora
-from model import ArgumentParser, Transformer, UserError, atomic_path, embedded_model_path, run_cli
+import quant
+from cli import ArgumentParser, UserError, atomic_path, embedded_model_path, run_cli
+from model import Transformer
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # flags
@@ -49,8 +59,9 @@ def get_args(argv=None):
     a("--template", default="alpaca", choices=data.TEMPLATES, help="prompt format; chat = the tokenizer's ChatML")
     a("--quant", default=None, choices=["rtn", "gptq", "native"],
       help="native keeps an already-quantized model's codes (default for a 4-bit GGUF / checkpoint), else rtn")
-    a("--bits", type=int, default=4)
-    a("--group-size", type=int, default=32, help="quantization group = QA-LoRA pooling group")
+    a("--bits", type=int, default=None, help="code width (default: a quantized model's own with --quant native, else 4)")
+    a("--group-size", type=int, default=None,
+      help="quantization group = QA-LoRA pooling group (default: the model's own with --quant native, else 32)")
     a("--calib", default=None, help="text file for GPTQ calibration (default: the training examples)")
     a("--method", default="qalora", choices=["qalora", "lora"], help="lora = the QLoRA-style baseline")
     a("--pool-scale", default=qalora.DEFAULT_POOL_SCALE, choices=qalora.POOL_SCALES,
@@ -91,6 +102,10 @@ def get_args(argv=None):
     a("--overwrite", action="store_true", help="replace the run already in --out")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--no-gguf", action="store_true", help="skip the merged.gguf export")
+    a("--offsetless", default="skip", choices=["skip", "requantize"],
+      help="GGUF layers whose type has no same-width type with a float offset (Q8_0, Q6_K, Q3_K, Q2_K): skip = "
+           "train no adapter there, so merged.gguf keeps their bytes; requantize = adapt them too and re-encode "
+           "them as Q8_0 at export, reporting each tensor's error")
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.method]
@@ -215,7 +230,6 @@ def claim_out(args, rank):
     out = Path(args.out)
     if args.resume or rank != 0:  # rank 0 prepares the folder (the caller waits at a barrier)
         return
-    import shutil
     for f in RUN_FILES:
         p = out / f
         if p.exists():
@@ -243,7 +257,6 @@ class Metrics:
 def save_checkpoint(out, model, optimizer, state, world):
     """checkpoint/: adapter.safetensors + adapter.json, state.pt (optimizer, step, sampler, RNG of every
     process). Written to a temp dir and renamed, so a crash never leaves half a checkpoint."""
-    import qalora
     rngs = [rng_state()]
     if world > 1:
         rngs = [None] * world
@@ -262,32 +275,50 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _is_quantized(model):
-    from quant import QuantLinear
-    return any(isinstance(m, QuantLinear) for m in model.modules())
+    return any(isinstance(m, quant.QuantLinear) for m in model.modules())
+
+
+def quant_summary(model):
+    """'4-bit group 32', or for a model whose layers differ (a llama.cpp Q4_K_M, say) what each kind is."""
+    kinds = {}
+    for m in model.modules():
+        if isinstance(m, quant.QuantLinear):
+            k = f"{m.ggml_type + ' ' if m.ggml_type else ''}{m.bits}-bit group {m.group_size}"
+            kinds[k] = kinds.get(k, 0) + 1
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    return ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def load_model(args, path):
-    """The model, quantized as asked: native keeps the file's codes; rtn/gptq quantize a float model."""
-    import quant
+    """(model, method, bits, group): native keeps the file's codes (each layer its own bits and group); rtn/gptq
+    quantize a float model to --bits/--group-size (4 and 32 unless given)."""
     dtype = DTYPES[args.dtype]
     if args.quant in (None, "native"):
         model = Transformer.from_pretrained(path, dtype=dtype, keep_quantized=True)
         if _is_quantized(model):
             q = model.quantization or {}
-            if (q.get("bits"), q.get("group_size")) != (args.bits, args.group_size):
+            mixed = len({(m.bits, m.group_size) for m in model.modules() if isinstance(m, quant.QuantLinear)}) > 1
+            given = (args.bits, args.group_size) != (None, None)
+            if mixed and given:
+                raise UserError(f"{path} mixes layer types ({quant_summary(model)}): with --quant native every layer "
+                                f"keeps its own bits and group; drop --bits/--group-size, or requantize the whole "
+                                f"model with --quant rtn|gptq")
+            if given and (q.get("bits"), q.get("group_size")) != (args.bits or q.get("bits"),
+                                                                   args.group_size or q.get("group_size")):
                 raise UserError(f"{path} is already quantized to {q.get('bits')} bits, group {q.get('group_size')}: "
                                 f"pass --bits {q.get('bits')} --group-size {q.get('group_size')} to keep its codes "
                                 f"(--quant native), or --quant rtn|gptq to requantize from the dequantized weights")
-            return model, "native"
+            return model, "native", q.get("bits"), q.get("group_size")
         if args.quant == "native":
             raise UserError(f"--quant native: {path} holds float weights; use --quant rtn or gptq")
-        args_quant = "rtn"
+        method = "rtn"
     else:
         model = Transformer.from_pretrained(path, dtype=dtype, keep_quantized=False)
         if _is_quantized(model):
             raise UserError(f"{path} is a quantized checkpoint; train it with --quant native")
-        args_quant = args.quant
-    return model, args_quant
+        method = args.quant
+    return model, method, args.bits or 4, args.group_size or 32
 
 
 def calibration(args, tok, train_ex):
@@ -310,255 +341,357 @@ def peak_rss_mb():
         return None
 
 # -----------------------------------------------------------------------------
-# the run
+# the run: main() is the pipeline, one function per step
 
-def main(argv=None):
+@dataclass
+class Run:
+    """What every step of a run needs: the flags, the processes, the output folder, the clock."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    t_start: float
+    pad_id: int = 0  # the tokenizer's eos, set once it is loaded
+    bits: int = None  # the model's (most common) bits and group size, set once it is loaded
+    group_size: int = None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def say(self, *a):
+        if self.master:
+            print(*a, flush=True)
+
+
+def start(argv):
+    """Parse and check the flags, join the process group, set the threads, check the output folder."""
     args = get_args(argv)
     t_start = time.time()
-    rank, world, local, device = setup_distributed()
-    master = rank == 0
-    procs_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // procs_here))  # cores shared by processes
-    say = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    say(f"train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     for name in ("batch_size", "grad_accum", "max_steps", "seq_len", "rank"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_new_tokens < 1 or args.n_heldout < 1:
         raise UserError("--max-new-tokens and --n-heldout must be >= 1")
-    import merge
-    import quant
-    quant.check_bits_group(args.bits, args.group_size)
-    out = check_out(args)
-    from tokenizer import load_tokenizer
+    quant.check_bits_group(4 if args.bits is None else args.bits, 32 if args.group_size is None else args.group_size)
+    rank, world, _, device = setup_distributed()
+    procs_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // procs_here))  # cores shared by processes
+    run = Run(args, rank, world, device, check_out(args), t_start)
+    run.say(f"train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    return run
 
-    # data
-    path = args.model or embedded_model_path()
-    tok = load_tokenizer(path)
+
+@dataclass
+class Splits:
+    train: list
+    val: list
+    held: list
+
+
+def load_data(run, tok):
+    """Training, validation (--n-val, split off the training records) and held-out examples."""
+    args = run.args
     if args.data is None:
         train_rec, held_rec = data.synthetic_splits(args.seed, args.n_train, args.n_heldout)
     else:
         train_rec, held_rec = data.split_records(data.load_records(args.data), args.n_heldout, args.seed)
     val_rec = []
-    if args.n_val:  # a validation split off the training records, for choosing hyperparameters
+    if args.n_val:
         train_rec, val_rec = data.split_records(train_rec, args.n_val, args.val_seed)
     train_ex, trunc = data.build_examples(train_rec, tok, args.template, args.seq_len)
     held_ex, _ = data.build_examples(held_rec, tok, args.template, args.seq_len)
     val_ex = data.build_examples(val_rec, tok, args.template, args.seq_len)[0] if val_rec else []
-    say(f"data: {len(train_ex)} train / {len(val_ex)} validation / {len(held_ex)} held-out examples "
-        f"({args.data or 'synthetic'}, {args.template} template); {trunc}")
-    pad_id = tok.eos_id if tok.eos_id is not None else 0
-    synthetic = args.data is None and not args.no_exact_match
+    run.say(f"data: {len(train_ex)} train / {len(val_ex)} validation / {len(held_ex)} held-out examples "
+            f"({args.data or 'synthetic'}, {args.template} template); {trunc}")
+    return Splits(train_ex, val_ex, held_ex)
 
-    # model: load -> quantize
+
+def load_and_quantize(run, path, tok, train_ex):
+    """The model on its device, quantized as asked; returns (model, the quantization method used)."""
+    args = run.args
     t0 = time.time()
-    model, qmethod = load_model(args, path)
+    model, qmethod, run.bits, run.group_size = load_model(args, path)
     if qmethod != "native":
         calib = calibration(args, tok, train_ex) if qmethod == "gptq" else None
-        quant.quantize_model(model, args.bits, args.group_size, method=qmethod, calib=calib, progress=master)
-    model.to(device)
+        quant.quantize_model(model, run.bits, run.group_size, method=qmethod, calib=calib, progress=run.master)
+    model.to(run.device)
     a = model.args
-    say(f"model: {path}: {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size}; {args.bits}-bit group "
-        f"{args.group_size} via {qmethod} ({time.time() - t0:.1f}s)")
-    claim_out(args, rank)
-    if world > 1:
-        dist.barrier()
+    run.say(f"model: {path}: {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size}; {quant_summary(model)} via "
+            f"{qmethod} ({time.time() - t0:.1f}s)")
+    return model, qmethod
 
-    # checkpoint to resume from (read by every rank)
-    state = None
-    if args.resume:
-        state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
-        if len(state["rng"]) != world:
-            raise UserError(f"--resume: the checkpoint was written by {len(state['rng'])} processes, this run has "
-                            f"{world}; resume with the same --nproc_per_node")
 
-    # "before": the quantized base, no adapters yet
-    if state is None:
-        t0 = time.time()
-        before = {"eval_loss": eval_loss(model, held_ex, pad_id, rank=rank, world=world)}
-        if synthetic and master:
-            before["exact_match"] = data.exact_match(model, tok, held_ex, args.max_new_tokens)[0]
-        say(f"before: held-out loss {before['eval_loss']:.4f}" +
+def evaluate(run, model, tok, splits, exact):
+    """{"eval_loss", "val_loss" (with --n-val), "exact_match" (synthetic data)} of the model as it is."""
+    r = {"eval_loss": eval_loss(model, splits.held, run.pad_id, rank=run.rank, world=run.world)}
+    if splits.val:
+        r["val_loss"] = eval_loss(model, splits.val, run.pad_id, rank=run.rank, world=run.world)
+    if exact and run.master:
+        r["exact_match"] = E.exact_match(model, tok, splits.held, run.args.max_new_tokens)[0]
+    return r
+
+
+def evaluate_before(run, model, tok, splits, exact, state):
+    """The quantized base before any adapter (or, on --resume, what the checkpoint recorded)."""
+    if state is not None:
+        return state["before"]
+    t0 = time.time()
+    before = {k: v for k, v in evaluate(run, model, tok, splits, exact).items() if k != "val_loss"}
+    run.say(f"before: held-out loss {before['eval_loss']:.4f}" +
             (f", exact match {before['exact_match']:.3f}" if "exact_match" in before else "") +
             f" ({time.time() - t0:.1f}s)")
-        before["seconds"] = time.time() - t0
-    else:
-        before = state["before"]
+    before["seconds"] = time.time() - t0
+    return before
 
-    # adapters (seeded: their init draws from the torch RNG)
-    seed_all(args.seed + rank)
+
+def add_adapters(run, model):
+    """Seeded adapters (their init draws from the torch RNG) and the AdamW over their parameters."""
+    args = run.args
+    seed_all(args.seed + run.rank)
+    offsetless = {n: m.ggml_type for n, m in model.named_modules()
+                  if isinstance(m, quant.QuantLinear) and m.ggml_type and export.offset_type(m) is None}
+    exclude = tuple(offsetless) if args.offsetless == "skip" else ()
+    if offsetless:
+        kinds = ", ".join(f"{k} x{list(offsetless.values()).count(k)}" for k in sorted(set(offsetless.values())))
+        run.say(f"{len(offsetless)} layers ({kinds}) have no GGUF type of their width with a float offset: " +
+                ("left without adapters, so merged.gguf keeps their bytes (--offsetless requantize adapts them)"
+                 if exclude else "adapted; merged.gguf re-encodes them as Q8_0 (--offsetless requantize)"))
     params = qalora.add_adapters(model, args.rank, args.alpha, args.dropout, method=args.method,
-                                 pool_scale=args.pool_scale, init=args.init)
-    say(f"adapters: {args.method} rank {args.rank} alpha {args.alpha}" +
-        (f" pool scale {args.pool_scale}" if args.method == "qalora" else "") + f", lr {args.lr:g}: {sum(p.numel() for p in params):,} "
-        f"trainable parameters in {len(qalora.adapter_layers(model))} layers")
+                                 pool_scale=args.pool_scale, init=args.init, exclude=exclude)
+    run.say(f"adapters: {args.method} rank {args.rank} alpha {args.alpha}" +
+            (f" pool scale {args.pool_scale}" if args.method == "qalora" else "") + f", lr {args.lr:g}: "
+            f"{sum(p.numel() for p in params):,} trainable parameters in {len(qalora.adapter_layers(model))} layers")
     model.grad_checkpointing = args.grad_checkpointing
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    sampler = data.Sampler(len(train_ex), seed=args.seed)
-    step = 0
-    if state is not None:
-        qalora.load_adapters(model, out / "checkpoint")
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        step = state["step"]
-        set_rng_state(state["rng"][rank])
-        say(f"resumed from {out}/checkpoint at step {step}")
+    return params, optimizer
 
-    metrics = Metrics(out / "metrics.jsonl", master, keep_until=step if state is not None else None)
+
+def resume(run, model, optimizer, sampler, state):
+    """Load the checkpoint's adapters, optimizer, data position and RNG; returns the step to continue at."""
     if state is None:
-        metrics.log(step=0, **{k if k.startswith("eval") else f"eval_{k}": v for k, v in before.items()})
+        return 0
+    qalora.load_adapters(model, run.out / "checkpoint")
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"][run.rank])
+    run.say(f"resumed from {run.out}/checkpoint at step {state['step']}")
+    return state["step"]
 
+
+def loss_module(run, model):
+    """ResponseLoss, wrapped for DDP over several processes and compiled with --compile."""
     loss_mod = ResponseLoss(model)
-    if world > 1:
+    if run.world > 1:
         # the frozen base is identical on every rank: never re-broadcast its (large) buffers per forward
-        import inspect
         no_buf = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                   inspect.signature(nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False})
-        loss_mod = nn.parallel.DistributedDataParallel(loss_mod, device_ids=[device] if device.type == "cuda" else None,
-                                                       **no_buf)
-    step_fn = torch.compile(loss_mod) if args.compile else loss_mod
+        loss_mod = nn.parallel.DistributedDataParallel(
+            loss_mod, device_ids=[run.device] if run.device.type == "cuda" else None, **no_buf)
+    return loss_mod, (torch.compile(loss_mod) if run.args.compile else loss_mod)
 
-    # SIGINT: finish the step, checkpoint, exit cleanly (a second ^C aborts)
-    stop = {"flag": False}
+
+def train_step(run, loss_mod, step_fn, params, optimizer, sampler, train_ex, step, lr):
+    """Optimizer step `step` + 1 over the global batch; returns (loss per response token, tokens, grad norm)."""
+    args, world = run.args, run.world
+    idx = sampler.take(args.batch_size * args.grad_accum * world)
+    n_tgt = data.n_targets([train_ex[i] for i in idx])      # the whole global batch, known to all ranks
+    micro = data.shard(idx, run.rank, world, args.batch_size)
+    total, ntok = 0.0, 0
+    for m, mb in enumerate(micro):
+        tokens, labels = data.collate([train_ex[i] for i in mb], run.pad_id)
+        sync = world == 1 or m == len(micro) - 1
+        with loss_mod.no_sync() if not sync else contextlib.nullcontext():
+            loss_sum = step_fn(tokens.to(run.device), labels.to(run.device))
+            (loss_sum * (world / n_tgt)).backward()  # DDP averages over ranks: * world
+        total += loss_sum.detach().double().item()
+        ntok += sum(len(train_ex[i].ids) for i in mb)
+    loss = all_sum(total, world) / n_tgt
+    if not math.isfinite(loss):
+        raise UserError(f"loss is {loss} at step {step + 1}: training stopped; the last good "
+                        f"checkpoint is in {run.out}/checkpoint (lower --lr or check the data)")
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    gnorm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+    if not math.isfinite(gnorm):
+        raise UserError(f"gradient norm is {gnorm} at step {step + 1}: training stopped; the "
+                        f"last good checkpoint is in {run.out}/checkpoint (lower --lr)")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, int(all_sum(ntok, world)), gnorm
+
+
+@contextlib.contextmanager
+def sigint_flag():
+    """While inside: the first SIGINT only sets flag["set"] (the loop checkpoints and stops after the step);
+    a second one aborts."""
+    flag = {"set": False}
 
     def on_sigint(sig, frame):
-        if stop["flag"]:
+        if flag["set"]:
             raise KeyboardInterrupt
-        stop["flag"] = True
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if hasattr(signal, "SIGINT") else None
+        flag["set"] = True
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
 
+
+def stop_reason(run, step, sigint, seconds_per_step, t_final):
+    """Why training stops after this step ("interrupted", "stopped": --stop-after, "budget": --time-budget), or
+    None. Every rank gets the same answer (rank 0 decides the budget for everyone)."""
+    args = run.args
+    if all_sum(float(sigint["set"]), run.world):
+        return "interrupted"
+    if args.stop_after is not None and step >= args.stop_after:
+        return "stopped"
+    if args.time_budget and step < args.max_steps:
+        late = time.time() - run.t_start + seconds_per_step + t_final > args.time_budget * 60
+        if all_sum(float(late and run.master), run.world):
+            return "budget"
+    return None
+
+
+def train(run, model, params, optimizer, sampler, splits, metrics, step, before):
+    """The loop: steps with warmup, held-out loss every --eval-every, checkpoints every --save-every; SIGINT
+    and --stop-after checkpoint and stop the run, --time-budget checkpoints and ends training early (merged
+    and evaluated as usual). Returns (steps done, tokens seen, seconds, whether the run stops here)."""
+    args = run.args
+    loss_mod, step_fn = loss_module(run, model)
     warmup = max(1, math.ceil(args.warmup * args.max_steps))
-    lr_at = lambda s: args.lr * min(1.0, (s + 1) / warmup)  # noqa: E731  constant after a linear warmup
-    per_step = args.batch_size * args.grad_accum * world
-    ckpt_state = lambda: dict(step=step, sampler=sampler.state_dict(), before=before)  # noqa: E731
-
-    from tqdm import tqdm
-    start_step = step
-    bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True,
-               unit="step", file=sys.stderr)
-    model.train()
-    t_train, tokens_seen, budget_stop = time.time(), 0, False
+    start_step, tokens_seen, t_train = step, 0, time.time()
     # the final evaluation runs the held-out set twice (unmerged, merged), then saves: budget for it,
     # with a margin for a machine whose load changes
     t_final = 2.5 * before.get("seconds", 0.0) + 60.0
-    try:
+    bar = tqdm(total=args.max_steps, initial=step, disable=not run.master, desc="train", dynamic_ncols=True,
+               unit="step", file=sys.stderr)
+    model.train()
+    with sigint_flag() as sigint, bar:
         while step < args.max_steps:
-            t0 = time.time()
-            idx = sampler.take(per_step)
-            n_tgt = data.n_targets([train_ex[i] for i in idx])      # the whole global batch, known to all ranks
-            micro = data.shard(idx, rank, world, args.batch_size)
-            total, ntok = 0.0, 0
-            for m, mb in enumerate(micro):
-                tokens, labels = data.collate([train_ex[i] for i in mb], pad_id)
-                sync = world == 1 or m == len(micro) - 1
-                with loss_mod.no_sync() if not sync else contextlib.nullcontext():
-                    loss_sum = step_fn(tokens.to(device), labels.to(device))
-                    (loss_sum * (world / n_tgt)).backward()  # DDP averages over ranks: * world
-                total += loss_sum.detach().double().item()
-                ntok += sum(len(train_ex[i].ids) for i in mb)
-            loss = all_sum(total, world) / n_tgt
-            ntok = int(all_sum(ntok, world))
-            if not math.isfinite(loss):
-                raise UserError(f"loss is {loss} at step {step + 1}: training stopped; the last good checkpoint "
-                                f"is in {out}/checkpoint (lower --lr or check the data)")
-            lr = lr_at(step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-            if not math.isfinite(gnorm):
-                raise UserError(f"gradient norm is {gnorm} at step {step + 1}: training stopped; the last good "
-                                f"checkpoint is in {out}/checkpoint (lower --lr)")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.time() - t0
-            tokens_seen += ntok
+            t0, lr = time.time(), args.lr * min(1.0, (step + 1) / warmup)  # constant after a linear warmup
+            loss, ntok, gnorm = train_step(run, loss_mod, step_fn, params, optimizer, sampler, splits.train, step, lr)
+            step, dt, tokens_seen = step + 1, time.time() - t0, tokens_seen + ntok
             metrics.log(step=step, loss=loss, lr=lr, tokens_per_s=ntok / dt, tokens=ntok, grad_norm=gnorm,
                         epoch=sampler.epoch)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{ntok / dt:.0f}", refresh=False)
             bar.update(1)
             if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-                el = eval_loss(model, held_ex, pad_id, rank=rank, world=world)
+                el = eval_loss(model, splits.held, run.pad_id, rank=run.rank, world=run.world)
                 metrics.log(step=step, eval_loss=el)
-                bar.write(f"step {step}: held-out loss {el:.4f}") if master else None
-            interrupted = bool(all_sum(float(stop["flag"]), world))
-            stopping = interrupted or (args.stop_after is not None and step >= args.stop_after)
-            if args.time_budget and step < args.max_steps and not stopping:  # rank 0 decides for everyone
-                sec_per_step = (time.time() - t_train) / (step - start_step)
-                late = time.time() - t_start + sec_per_step + t_final > args.time_budget * 60
-                budget_stop = bool(all_sum(float(late and master), world))
-            if (args.save_every and step % args.save_every == 0) or step == args.max_steps or stopping or budget_stop:
-                save_checkpoint(out, model, optimizer, ckpt_state(), world)
-            if budget_stop:
-                say(f"time budget: training ends after step {step} of {args.max_steps} to finish within "
-                    f"--time-budget {args.time_budget:g} min (checkpoint saved; --resume continues, "
-                    f"--time-budget 0 disables the limit)")
+                bar.write(f"step {step}: held-out loss {el:.4f}") if run.master else None
+            why = stop_reason(run, step, sigint, (time.time() - t_train) / (step - start_step), t_final)
+            if (args.save_every and step % args.save_every == 0) or step == args.max_steps or why:
+                save_checkpoint(run.out, model, optimizer, dict(step=step, sampler=sampler.state_dict(),
+                                                                before=before), run.world)
+            if why == "budget":
+                run.say(f"time budget: training ends after step {step} of {args.max_steps} to finish within "
+                        f"--time-budget {args.time_budget:g} min (checkpoint saved; --resume continues, "
+                        f"--time-budget 0 disables the limit)")
                 break
-            if stopping:
+            if why:
                 bar.close()
-                say(f"{'interrupted' if interrupted else 'stopped'} after step {step}: checkpoint saved in "
-                    f"{out}/checkpoint; continue with --resume")
-                return 0
-    finally:
-        bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+                run.say(f"{why} after step {step}: checkpoint saved in {run.out}/checkpoint; continue with --resume")
+                return step, tokens_seen, time.time() - t_train, True
     t_train = time.time() - t_train
     if tokens_seen:
-        say(f"trained {step - start_step} steps: {tokens_seen} tokens in {t_train:.0f}s, {tokens_seen / t_train:.0f} tokens/s")
+        run.say(f"trained {step - start_step} steps: {tokens_seen} tokens in {t_train:.0f}s, "
+                f"{tokens_seen / t_train:.0f} tokens/s")
+    return step, tokens_seen, t_train, False
 
-    # final: unmerged vs merged, held-out loss and exact match
-    final = {"step": step, "final": True, "train_seconds": round(t_train, 1),
-             "train_tokens_per_s": tokens_seen / t_train if tokens_seen else None}
+
+def merge_and_evaluate(run, model, tok, splits, exact, qmethod, before):
+    """Unmerged, then merged (QA-LoRA: exact; LoRA: float merge and requantization) held-out loss, validation
+    loss and exact match; the adapter is saved in between. Returns the final metrics."""
+    args = run.args
     model.eval()
-    final["unmerged_eval_loss"] = eval_loss(model, held_ex, pad_id, rank=rank, world=world)
-    if val_ex:
-        final["unmerged_val_loss"] = eval_loss(model, val_ex, pad_id, rank=rank, world=world)
-    if synthetic and master:
-        final["unmerged_exact_match"] = data.exact_match(model, tok, held_ex, args.max_new_tokens)[0]
-    if master:
-        with atomic_path(out / "adapter") as tmp:
+    final = {f"unmerged_{k}": v for k, v in evaluate(run, model, tok, splits, exact).items()}
+    if run.master:
+        with atomic_path(run.out / "adapter") as tmp:
             qalora.save_adapters(model, tmp)
     if args.method == "qalora":
         merge.merge_adapters(model)
     else:  # the baseline: float merge, then quantize again (lossy)
-        calib = calibration(args, tok, train_ex) if qmethod == "gptq" else None
-        merge.merge_lora_baseline(model, args.bits, args.group_size, "gptq" if qmethod == "gptq" else "rtn", calib)
-    final["merged_eval_loss"] = eval_loss(model, held_ex, pad_id, rank=rank, world=world)
-    if val_ex:
-        final["merged_val_loss"] = eval_loss(model, val_ex, pad_id, rank=rank, world=world)
-    if synthetic and master:
-        final["merged_exact_match"] = data.exact_match(model, tok, held_ex, args.max_new_tokens)[0]
-        final["exact_match_before"] = before["exact_match"]
+        calib = calibration(args, tok, splits.train) if qmethod == "gptq" else None
+        merge.merge_lora_baseline(model, run.bits, run.group_size, "gptq" if qmethod == "gptq" else "rtn", calib)
+    final.update({f"merged_{k}": v for k, v in evaluate(run, model, tok, splits, exact).items()})
     final["eval_loss_before"] = before["eval_loss"]
+    if "exact_match" in before:
+        final["exact_match_before"] = before["exact_match"]
     rel = abs(final["merged_eval_loss"] - final["unmerged_eval_loss"]) / abs(final["unmerged_eval_loss"])
-    say(f"held-out loss: before {before['eval_loss']:.4f}, unmerged {final['unmerged_eval_loss']:.6f}, "
-        f"merged {final['merged_eval_loss']:.6f} (relative difference {rel:.1e})")
-    if synthetic and master:
-        say(f"exact match: unmerged {final['unmerged_exact_match']:.3f}, merged {final['merged_exact_match']:.3f}")
-        say(f"exact match: {before['exact_match']:.3f} -> {final['merged_exact_match']:.3f}")
-    if master:
-        model.save_pretrained(out / "merged")
-        say(f"saved {out}/adapter, {out}/merged")
-        gs_ok = all(g % 32 == 0 for m in model.modules() if isinstance(m, quant.QuantLinear)
-                    for g in quant.group_sizes(m.in_features, m.group_size))
-        if args.no_gguf:
-            pass
-        elif args.bits == 4 and gs_ok:
-            merge.export_gguf(model, out / "merged.gguf")
-            say(f"saved {out}/merged.gguf")
-        else:
-            widths = sorted({g for m in model.modules() if isinstance(m, quant.QuantLinear)
-                             for g in quant.group_sizes(m.in_features, m.group_size)})
-            say(f"no merged.gguf: GGUF Q4_1 needs 4 bits and every group a multiple of 32 wide "
-                f"(have {args.bits} bits, group widths {widths})")
-        final["total_seconds"] = round(time.time() - t_start, 1)
+    run.say(f"held-out loss: before {before['eval_loss']:.4f}, unmerged {final['unmerged_eval_loss']:.6f}, "
+            f"merged {final['merged_eval_loss']:.6f} (relative difference {rel:.1e})")
+    if "merged_exact_match" in final:
+        run.say(f"exact match: unmerged {final['unmerged_exact_match']:.3f}, merged {final['merged_exact_match']:.3f}")
+        run.say(f"exact match: {before['exact_match']:.3f} -> {final['merged_exact_match']:.3f}")
+    return final
+
+
+def save_outputs(run, model, tok):
+    """merged/ (checkpoint + tokenizer) and, unless --no-gguf or impossible, merged.gguf."""
+    model.save_pretrained(run.out / "merged", tokenizer=tok)
+    run.say(f"saved {run.out}/adapter, {run.out}/merged")
+    if run.args.no_gguf:
+        return
+    requantize = run.args.offsetless == "requantize"
+    why = export.gguf_unsupported(model, requantize)
+    if why is None:
+        report = []
+        export.export_gguf(model, run.out / "merged.gguf", requantize=requantize, report=report)
+        for line in report:
+            run.say(f"  {line}")
+        run.say(f"saved {run.out}/merged.gguf")
+    else:
+        run.say(f"no merged.gguf: {why}")
+
+
+def main(argv=None):
+    run = start(argv)
+    args = run.args
+    path = args.model or embedded_model_path()
+    tok = load_tokenizer(path)
+    run.pad_id = tok.eos_id if tok.eos_id is not None else 0
+    splits = load_data(run, tok)
+    exact = args.data is None and not args.no_exact_match          # exact match: synthetic tasks only
+    model, qmethod = load_and_quantize(run, path, tok, splits.train)
+    claim_out(args, run.rank)
+    if run.world > 1:
+        dist.barrier()
+    state = load_state(run)
+    before = evaluate_before(run, model, tok, splits, exact, state)
+    params, optimizer = add_adapters(run, model)
+    sampler = data.Sampler(len(splits.train), seed=args.seed)
+    step = resume(run, model, optimizer, sampler, state)
+    metrics = Metrics(run.out / "metrics.jsonl", run.master, keep_until=step if state is not None else None)
+    if state is None:
+        metrics.log(step=0, **{k if k.startswith("eval") else f"eval_{k}": v for k, v in before.items()})
+    step, tokens, seconds, stopped = train(run, model, params, optimizer, sampler, splits, metrics, step, before)
+    if stopped:
+        return 0
+    final = {"step": step, "final": True, "train_seconds": round(seconds, 1),
+             "train_tokens_per_s": tokens / seconds if tokens else None}
+    final.update(merge_and_evaluate(run, model, tok, splits, exact, qmethod, before))
+    if run.master:
+        save_outputs(run, model, tok)
+        final["total_seconds"] = round(time.time() - run.t_start, 1)
         final["peak_rss_mb"] = peak_rss_mb()
         metrics.log(**final)
-        say(f"done in {final['total_seconds']:.0f}s")
-    if world > 1:
+        run.say(f"done in {final['total_seconds']:.0f}s")
+    if run.world > 1:
         dist.barrier()
     return 0
+
+
+def load_state(run):
+    """The checkpoint's state.pt on --resume (read by every rank), else None."""
+    if not run.args.resume:
+        return None
+    state = torch.load(run.out / "checkpoint" / "state.pt", weights_only=True)
+    if len(state["rng"]) != run.world:
+        raise UserError(f"--resume: the checkpoint was written by {len(state['rng'])} processes, this run has "
+                        f"{run.world}; resume with the same --nproc_per_node")
+    return state
 
 
 if __name__ == "__main__":

@@ -13,26 +13,26 @@ import pytest
 import torch
 
 from conftest import ROOT
-from model import Transformer, UserError, atomic_path
+from cli import UserError, atomic_path
+from model import Transformer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random tiny LLaMA (every group 32 wide) with the stories tokenizer, float and 4-bit/g32 versions."""
-    shared = ROOT.parent / "shared" / "models" / "stories260K"
-    if not shared.is_dir():
-        pytest.skip(f"{shared} is absent")
+def tiny(tmp_path_factory, tiny_sp_path, tiny_tokenizer):
+    """A random tiny LLaMA (every group 32 wide) with the test-trained tokenizer (conftest), float and
+    4-bit/g32 versions."""
     from model import ModelArgs
     import quant
     d = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=96, max_seq_len=64)
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tiny_tokenizer.vocab_size,
+                     hidden_dim=96, max_seq_len=64)
     model = Transformer(args)
     model.save_pretrained(d / "float")
     quant.quantize_model(model, 4, 32)
     model.save_pretrained(d / "q4")
     for sub in ("float", "q4"):
-        shutil.copy(shared / "tokenizer.model", d / sub / "tokenizer.model")
+        shutil.copy(tiny_sp_path, d / sub / "tokenizer.model")
     return d
 
 
@@ -58,9 +58,9 @@ def write(path, text):
 
 def test_missing_paths(tiny, tmp_path):
     nope = str(tmp_path / "nope")
-    assert_clean_error(run("quant.py", "--model", nope, "--bits", "4", "--out", str(tmp_path / "o")), "nope")
+    assert_clean_error(run("quantize.py", "--model", nope, "--bits", "4", "--out", str(tmp_path / "o")), "nope")
     assert_clean_error(run("eval.py", "--model", nope, "--ppl", nope), "nope")
-    assert_clean_error(run("merge.py", "--model", nope, "--adapter", nope, "--out", str(tmp_path / "o")), "nope")
+    assert_clean_error(run("export.py", "--model", nope, "--adapter", nope, "--out", str(tmp_path / "o")), "nope")
     assert_clean_error(run("train.py", "--model", nope, "--out", str(tmp_path / "o")), "nope")
     # a run that failed on its inputs leaves nothing behind that would block the next one
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
@@ -97,15 +97,15 @@ def test_contradictory_config(tiny, tmp_path):
 
 @pytest.mark.parametrize("gs", ["0", "-2", "abc", "1.5"])
 def test_bad_group_size(tiny, tmp_path, gs):
-    assert_clean_error(run("quant.py", "--model", str(tiny / "float"), "--bits", "4", "--group-size", gs,
+    assert_clean_error(run("quantize.py", "--model", str(tiny / "float"), "--bits", "4", "--group-size", gs,
                            "--out", str(tmp_path / "o")), "group")
     assert_clean_error(run("train.py", "--model", str(tiny / "float"), "--group-size", gs,
                            "--out", str(tmp_path / "o")), "group")
 
 
-@pytest.mark.parametrize("bits", ["5", "1", "16"])
+@pytest.mark.parametrize("bits", ["7", "1", "16"])
 def test_bad_bits(tiny, tmp_path, bits):
-    assert_clean_error(run("quant.py", "--model", str(tiny / "float"), "--bits", bits, "--out", str(tmp_path / "o")),
+    assert_clean_error(run("quantize.py", "--model", str(tiny / "float"), "--bits", bits, "--out", str(tmp_path / "o")),
                        "bits")
     assert_clean_error(run("train.py", "--model", str(tiny / "float"), "--bits", bits, "--out", str(tmp_path / "o")),
                        "bits")
@@ -119,7 +119,7 @@ def test_gguf_export_of_groups_q4_1_cannot_hold(tiny, tmp_path):
     model.save_pretrained(tmp_path / "q16")
     qalora.add_adapters(model, 2, 16)
     qalora.save_adapters(model, tmp_path / "ad")
-    assert_clean_error(run("merge.py", "--model", str(tmp_path / "q16"), "--adapter", str(tmp_path / "ad"),
+    assert_clean_error(run("export.py", "--model", str(tmp_path / "q16"), "--adapter", str(tmp_path / "ad"),
                            "--out", str(tmp_path / "o"), "--gguf", str(tmp_path / "o.gguf")), "32")
     assert not (tmp_path / "o.gguf").exists()
 
@@ -136,7 +136,7 @@ def test_adapter_for_another_base_or_rank(tiny, tmp_path):
     qalora.save_adapters(other, tmp_path / "ad")
     assert_clean_error(run("generate.py", "--model", str(tiny / "q4"), "--adapter", str(tmp_path / "ad"),
                            "--prompt", "hi"), "base")
-    assert_clean_error(run("merge.py", "--model", str(tiny / "q4"), "--adapter", str(tmp_path / "ad"),
+    assert_clean_error(run("export.py", "--model", str(tiny / "q4"), "--adapter", str(tmp_path / "ad"),
                            "--out", str(tmp_path / "o")), "base")
 
 
@@ -167,7 +167,7 @@ def test_out_holding_another_run(tiny, tmp_path):
 SLOW_WRITER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from model import atomic_path
+from cli import atomic_path
 with atomic_path({target!r}) as tmp:
     tmp.mkdir()
     (tmp / "part1").write_text("new")
@@ -195,14 +195,14 @@ def test_failed_write_reports_and_keeps_previous(tmp_path, tiny, monkeypatch):
     """A save that fails midway (disk full, simulated by a writer that raises ENOSPC) leaves the previous
     checkpoint untouched and surfaces as an OSError, which run_cli prints as one line."""
     import errno
-    import safetensors.torch
+    import model as model_module
     model = Transformer.from_pretrained(tiny / "float")
     model.save_pretrained(tmp_path / "ck")
     before = (tmp_path / "ck" / "model.safetensors").read_bytes()
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(model_module, "save_file", full)
     with pytest.raises(OSError, match="No space"):
         model.save_pretrained(tmp_path / "ck")
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
@@ -210,7 +210,7 @@ def test_failed_write_reports_and_keeps_previous(tmp_path, tiny, monkeypatch):
 
 
 def test_run_cli_prints_one_line_for_os_errors(tmp_path):
-    code = ("import sys, errno; sys.path.insert(0, %r); from model import run_cli\n"
+    code = ("import sys, errno; sys.path.insert(0, %r); from cli import run_cli\n"
             "def main():\n    raise OSError(errno.ENOSPC, 'No space left on device')\nrun_cli(main)\n" % str(ROOT))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip() == "error: [Errno 28] No space left on device"

@@ -138,11 +138,16 @@ def test_truncation_counts():
     assert len(exs) == 2 and tr.n_dropped == 1
 
 
-def test_real_tokenizer_masks(stories_dir):
+def test_real_tokenizer_masks(tiny_model_dir):
+    """A sentencepiece tokenizer from a model directory (conftest's, trained in the test session): BOS first,
+    EOS last, the response decodes back to the output, for synthetic and Alpaca records (with an input)."""
+    from conftest import TINY_RECORDS
     from tokenizer import load_tokenizer
-    tok = load_tokenizer(str(stories_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
     train, _ = data.synthetic_splits(seed=0, n_train=20, n_heldout=4)
+    train = train + TINY_RECORDS
     exs, _ = data.build_examples(train, tok, seq_len=256)
+    assert len(exs) == len(train)
     for rec, ex in zip(train, exs):
         assert ex.ids[0] == tok.bos_id and ex.ids[-1] == tok.eos_id
         assert tok.decode(ex.ids[ex.n_prompt:-1]).strip() == rec["output"]

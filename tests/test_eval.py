@@ -147,14 +147,24 @@ def test_bad_task_file_is_a_user_error(tmp_path):
         E.task_items("nope", tmp_path)
 
 # -----------------------------------------------------------------------------
-# log-likelihoods on a real model
+# log-likelihoods on a model directory: conftest's tiny random LLaMA with its test-trained sentencepiece
+# tokenizer (stories260K only where real ARC items are scored)
+
+
+def _load(model_dir):
+    from model import Transformer
+    from tokenizer import load_tokenizer
+    return Transformer.from_pretrained(model_dir), load_tokenizer(model_dir)
+
+
+@pytest.fixture
+def tiny_lm(tiny_model_dir):
+    return _load(tiny_model_dir)
 
 
 @pytest.fixture
 def stories(stories_dir):
-    from model import Transformer
-    from tokenizer import load_tokenizer
-    return Transformer.from_pretrained(stories_dir), load_tokenizer(stories_dir)
+    return _load(stories_dir)
 
 
 def naive_ll(model, ctx, cont):
@@ -166,8 +176,8 @@ def naive_ll(model, ctx, cont):
     return total
 
 
-def test_loglikelihood_equals_naive_per_token(stories):
-    model, tok = stories
+def test_loglikelihood_equals_naive_per_token(tiny_lm):
+    model, tok = tiny_lm
     pairs = [("Once upon a time, there was a little girl", " named Lily."),
              ("Once upon a time, there was a little girl", " who liked cats and dogs."),
              ("The sun was hot", "."),
@@ -182,19 +192,30 @@ def test_loglikelihood_equals_naive_per_token(stories):
                 assert isinstance(greedy, bool)
 
 
-def test_shared_context_path_matches_rows_on_real_items(stories, shared_dir):
-    """ARC-style items (one context, four multi-token choices, ragged lengths) through both paths."""
-    model, tok = stories
-    items = E.arc_items(shared_dir / "data" / "arc_easy_dev.jsonl")[:5]
+def _shared_matches_rows(model, tok, items):
     reqs = [E.encode_pair(tok, it.context, c) for it in items for c in it.continuations]
+    assert any(len(cont) > 1 for _, cont in reqs)  # the shared-context path has multi-token choices to run
     rows = E.loglikelihood_tokens(model, reqs, impl="rows")
     shared = E.loglikelihood_tokens(model, reqs, batch_size=6, impl="shared")
+    assert len(rows) == len(shared) == len(reqs)
     for (a, ga), (b, gb) in zip(rows, shared):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
 
 
-def test_single_token_choices_share_one_row(stories):
+def test_shared_context_path_matches_rows_on_arc_items(tiny_lm, tiny_data):
+    """ARC-format items (one context, three or four multi-token choices, ragged lengths) through both paths."""
+    model, tok = tiny_lm
+    _shared_matches_rows(model, tok, E.arc_items(tiny_data / "arc_easy_dev.jsonl"))
+
+
+def test_shared_context_path_matches_rows_on_real_items(stories, shared_dir):
+    """The same on the first five real ARC-Easy items with stories260K."""
     model, tok = stories
+    _shared_matches_rows(model, tok, E.arc_items(shared_dir / "data" / "arc_easy_dev.jsonl")[:5])
+
+
+def test_single_token_choices_share_one_row(tiny_lm):
+    model, tok = tiny_lm
     ctx = tok.encode("Lily saw a big")
     conts = [[tok.encode(w, bos=False)[-1]] for w in (" dog", " cat", " tree")]
     got = E.loglikelihood_tokens(model, [(ctx, c) for c in conts])
@@ -204,17 +225,17 @@ def test_single_token_choices_share_one_row(stories):
         assert greedy == (int(logp.argmax()) == c[0])
 
 
-def test_greedy_flag_on_the_models_own_continuation(stories):
+def test_greedy_flag_on_the_models_own_continuation(tiny_lm):
     from generate import generate
-    model, tok = stories
+    model, tok = tiny_lm
     ctx = tok.encode("Once upon a time")
     cont = generate(model, ctx, 8)
     (ll, greedy), = E.loglikelihood_tokens(model, [(ctx, cont)])
     assert greedy and ll < 0
 
 
-def test_long_context_is_cut_on_the_left(stories):
-    model, _ = stories
+def test_long_context_is_cut_on_the_left(tiny_lm):
+    model, _ = tiny_lm
     L = model.args.max_seq_len
     ctx = torch.randint(3, 500, (L + 40,)).tolist()
     cont = [5, 6, 7]
@@ -223,16 +244,16 @@ def test_long_context_is_cut_on_the_left(stories):
     assert ll == pytest.approx(naive_ll(model, kept[:-3], cont), abs=1e-4)
 
 
-def test_encode_pair_moves_trailing_space_to_the_continuation(stories):
-    _, tok = stories
+def test_encode_pair_moves_trailing_space_to_the_continuation(tiny_lm):
+    _, tok = tiny_lm
     ctx, cont = E.encode_pair(tok, "The cat sat ", "down")
     assert ctx == tok.encode("The cat sat")
     assert ctx + cont == tok.encode("The cat sat down")
 
 
-def test_response_loss_matches_trainer_definition(stories):
+def test_response_loss_matches_trainer_definition(tiny_lm):
     import data
-    model, tok = stories
+    model, tok = tiny_lm
     recs = [{"instruction": "Say hi.", "input": "", "output": "hi there"},
             {"instruction": "Count.", "input": "a b", "output": "two"}]
     exs, _ = data.build_examples(recs, tok)
@@ -243,18 +264,20 @@ def test_response_loss_matches_trainer_definition(stories):
     assert E.response_loss(model, exs) == pytest.approx(-total / n, abs=1e-5)
 
 
-def test_synthetic_eval_runs(stories):
-    model, tok = stories
+def test_synthetic_eval_runs(tiny_lm):
+    model, tok = tiny_lm
     r = E.synthetic_eval(model, tok, n_train=40, n_heldout=8, max_new_tokens=4, limit=5)
     assert r["n"] == 5 and 0.0 <= r["exact_match"] <= 1.0 and math.isfinite(r["loss"]) and r["loss"] > 0
     assert r["exact_match_stderr"] == pytest.approx(E.stderr(r["exact_match"], 5))
     json.dumps(r)
 
 
-def test_evaluate_tasks_json(stories, shared_dir):
-    model, tok = stories
-    r = E.evaluate_tasks(model, tok, ["arc_easy", "mmlu"], data_dir=shared_dir / "data", limit=3)
-    assert r["arc_easy"]["n"] == 3 and r["mmlu"]["n"] == 3 and "acc_norm" not in r["mmlu"]
+def test_evaluate_tasks_json(tiny_lm, tiny_data):
+    """Task files in the real formats (conftest's tiny_data: ARC jsonl, HellaSwag jsonl, MMLU csv folders)."""
+    model, tok = tiny_lm
+    r = E.evaluate_tasks(model, tok, ["arc_easy", "hellaswag", "mmlu"], data_dir=tiny_data, limit=3)
+    assert r["arc_easy"]["n"] == 3 and r["hellaswag"]["n"] == 3 and r["mmlu"]["n"] == 3
+    assert "acc_norm" not in r["mmlu"] and "acc_norm" in r["hellaswag"]
     assert sum(s["n"] for s in r["mmlu"]["subjects"].values()) == 3
     json.dumps(r)
 
@@ -275,14 +298,23 @@ def test_cli_bad_input_is_one_line():
         assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_cli_tasks_json(stories_dir, tmp_path):
+def _cli_tasks_json(tmp_path, *argv):
     out = tmp_path / "r.json"
-    r = _run("--model", str(stories_dir), "--tasks", "arc_easy,mmlu", "--limit", "2", "--out", str(out))
+    r = _run(*argv, "--tasks", "arc_easy,mmlu", "--limit", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     lines = [json.loads(l) for l in r.stdout.splitlines()]
     assert [l["task"] for l in lines] == ["arc_easy", "mmlu"] and all(l["n"] == 2 for l in lines)
     saved = json.loads(out.read_text())["results"]
     assert saved["arc_easy"]["acc"] == lines[0]["acc"] and "subjects" in saved["mmlu"]
+
+
+def test_cli_tasks_json(tiny_model_dir, tiny_data, tmp_path):
+    _cli_tasks_json(tmp_path, "--model", str(tiny_model_dir), "--data-dir", str(tiny_data))
+
+
+def test_cli_tasks_json_default_data_dir(stories_dir, shared_dir, tmp_path):
+    """Without --data-dir, eval.py reads the real task files in ../shared/data."""
+    _cli_tasks_json(tmp_path, "--model", str(stories_dir))
 
 # -----------------------------------------------------------------------------
 # replicate.py: flags, and the whole grid on stories260K (slow)

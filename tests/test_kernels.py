@@ -3,6 +3,7 @@ input gradients, across bits, group sizes (short last groups, -1), odd row count
 import os
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -27,10 +28,9 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def value_and_grad(impl, x, layer, pooled_from_x=False):
+def value_and_grad(impl, x, layer):
     x = x.detach().clone().requires_grad_(True)
-    pooled = kernels.pool_groups(x, layer.group_size) if pooled_from_x else None
-    y = kernels.qmatmul(x, layer, impl=impl, pooled=pooled)
+    y = kernels.qmatmul(x, layer, impl=impl)
     w = torch.linspace(-1, 1, y.numel()).view_as(y)  # a non-uniform upstream gradient
     (gx,) = torch.autograd.grad((y * w.to(y.dtype)).sum(), x)
     return y.detach(), gx
@@ -95,25 +95,13 @@ def test_grouped_equals_reference(bits, shape):
         assert rel(g, g_ref) < 1e-5, (bits, shape, lead, rel(g, g_ref))
 
 
-def test_shared_pool_gives_same_values_and_gradients():
-    """QA-LoRA passes the pool it computed; the bias term's gradient then flows through that pool."""
-    layer = make_layer(32, 72, 32, 4)
-    x = torch.randn(3, 72)
-    y_ref, g_ref = value_and_grad("reference", x, layer)
-    for m in (3, 9):
-        x = torch.randn(m, 72)
-        y_ref, g_ref = value_and_grad("reference", x, layer)
-        y, g = value_and_grad("eager", x, layer, pooled_from_x=True)
-        assert rel(y, y_ref) < 1e-5 and rel(g, g_ref) < 1e-5
-
-
 def test_planes_layout_is_qweight_when_aligned():
     """2/4/8 bits with in % group == 0 read the packed buffer itself: no copy, nothing cached
     (unless a group's plane would be shorter than 16 codes: 2 bits at group 32 is kept in nibbles)."""
     for bits, gs in ((2, 64), (4, 32), (8, 32)):
         layer = make_layer(16, 128, gs, bits)
         assert kernels._planes(layer).data_ptr() == layer.qweight.data_ptr()
-        assert "_kernel_cache" not in layer.__dict__
+        assert not layer.kernel_cache
     layer = make_layer(16, 128, 32, 2)
     assert kernels._layout(layer)[:2] == (4, 2) and kernels._planes(layer).shape == (16, 4, 16)
 
@@ -129,6 +117,54 @@ def test_cache_follows_in_place_changes():
         layer.qweight.copy_(other.qweight)
     torch.testing.assert_close(kernels.qmatmul(x, layer, impl="eager"), kernels.qmatmul(x, layer, impl="reference"),
                                rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# gemv: the C++ kernel (kernels_cpu.cpp), every bit width the bit layout packs, the vector and scalar paths
+
+needs_gemv = pytest.mark.skipif(not kernels.gemv_available(), reason="the C++ gemv could not be built here")
+
+
+@needs_gemv
+@pytest.mark.parametrize("bits", (1, 2, 3, 4, 5, 6, 7, 8))
+@pytest.mark.parametrize("shape", SHAPES + [(20, 4096, 32), (8, 37, 10), (8, 40, 16)])
+def test_gemv_equals_reference(bits, shape):
+    out_f, in_f, gs = shape
+    q = torch.randint(0, 2 ** bits, (out_f, in_f), dtype=torch.uint8)
+    ng = len(quant.group_sizes(in_f, gs))
+    # kernels take any object with QuantLinear's attributes (QuantLinear itself checks bits against quant.BITS)
+    layer = types.SimpleNamespace(qweight=quant.pack(q, bits), scales=torch.randn(out_f, ng),
+                                  biases=torch.randn(out_f, ng), bias=torch.randn(out_f), bits=bits,
+                                  group_size=quant.effective_group_size(in_f, gs), in_features=in_f,
+                                  out_features=out_f, n_groups=ng, kernel_cache={})
+    for lead in [(1,), (2,), (3,), (8,), (2, 4)]:  # every row count it unrolls, and a 3-D input
+        x = torch.randn(*lead, in_f)
+        y_ref, g_ref = value_and_grad("reference", x, layer)
+        y, g = value_and_grad("gemv", x, layer)
+        assert rel(y, y_ref) < 1e-5, (bits, shape, lead, rel(y, y_ref))
+        assert rel(g, g_ref) < 1e-5, (bits, shape, lead, rel(g, g_ref))
+
+
+@needs_gemv
+def test_gemv_takes_bf16_inputs_and_refuses_many_rows():
+    layer = make_layer(48, 96, 32, 4)
+    x = torch.randn(2, 96)
+    y = kernels.qmatmul(x.bfloat16(), layer, impl="gemv")
+    assert y.dtype == torch.bfloat16
+    assert rel(y, kernels.qmatmul(x.bfloat16().float(), layer, impl="reference")) < 1e-2
+    with pytest.raises(ValueError, match="at most"):
+        kernels.qmatmul(torch.randn(kernels.GEMV_MAX_M + 1, 96), layer, impl="gemv")
+
+
+@needs_gemv
+def test_gemv_runs_inside_a_compiled_graph():
+    """The op is opaque to torch.compile (a fake impl gives its shape): the compiled decode step calls it."""
+    layer = make_layer(48, 96, 32, 4)
+    x = torch.randn(1, 96)
+    f = torch.compile(lambda x: torch.relu(kernels.qmatmul(x, layer, impl="gemv")) * 2, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), torch.relu(kernels.qmatmul(x, layer, impl="reference")) * 2,
+                                   rtol=1e-5, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -219,7 +255,7 @@ def test_native_cache_follows_bias_change():
 def test_native_rejects_unsupported_layers():
     for layer in [make_layer(32, 72, 32, 4), make_layer(32, 96, 32, 3), make_layer(24, 64, 32, 4)]:
         assert not kernels.native_supported(layer)
-        with pytest.raises(AssertionError, match="native int4 kernel needs"):
+        with pytest.raises(ValueError, match="impl=.native. needs"):
             kernels.qmatmul(torch.randn(1, layer.in_features), layer, impl="native")
 
 
@@ -228,11 +264,15 @@ def test_native_rejects_unsupported_layers():
 
 def test_auto_choices():
     small, big = make_layer(32, 64, 32, 4), make_layer(256, 256, 32, 4)
-    assert kernels.choose_impl(torch.randn(1, 64), small) == "eager"  # tiny: compiling does not pay
-    assert kernels.choose_impl(torch.randn(1, 256), big) == "compiled"  # fp32 stays fp32-accurate
-    assert kernels.choose_impl(torch.randn(1, 64, dtype=torch.bfloat16), small) == "native"
+    few = "gemv" if kernels.gemv_available() else None
+    M = kernels.GEMV_MAX_M
+    assert kernels.choose_impl(torch.randn(1, 256), big) == (few or "compiled")
+    assert kernels.choose_impl(torch.randn(M, 64, dtype=torch.bfloat16), small) == (few or "native")
+    assert kernels.choose_impl(torch.randn(M + 1, 64), small) == "eager"  # tiny: compiling does not pay
+    assert kernels.choose_impl(torch.randn(M + 1, 256), big) == "compiled"  # fp32 stays fp32-accurate
+    assert kernels.choose_impl(torch.randn(M + 1, 64, dtype=torch.bfloat16), small) == "native"
     odd = make_layer(24, 72, 32, 4)
-    assert kernels.choose_impl(torch.randn(1, 72, dtype=torch.bfloat16), odd) == "eager"
+    assert kernels.choose_impl(torch.randn(M + 1, 72, dtype=torch.bfloat16), odd) == "eager"
 
 
 def test_quantlinear_forward_uses_qmatmul():

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import quant
-from merge import export_gguf, export_mlx, merge_adapters, merge_lora_baseline
+from export import export_gguf, export_mlx
+from merge import merge_adapters, merge_lora_baseline
 from model import Transformer, UserError
+from tokenizer import load_tokenizer
 from qalora import POOL_SCALES, QALoRALinear, add_adapters, adapter_layers, save_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,9 +231,9 @@ def test_gguf_reexport_without_changes_is_byte_identical(tiny_args, tmp_path, dt
 
 
 def test_gguf_refuses_what_q4_1_cannot_hold(tiny_args, tmp_path):
-    with pytest.raises(UserError, match="group_size=16"):
+    with pytest.raises(UserError, match=r"widths \[16\]"):
         export_gguf(merged_model(tiny_args, 4, 16), tmp_path / "a.gguf")
-    with pytest.raises(UserError, match="bits=3"):
+    with pytest.raises(UserError, match="3-bit"):
         export_gguf(merged_model(tiny_args, 3, 32), tmp_path / "b.gguf")
     assert not list(tmp_path.iterdir())                 # nothing half-written
 
@@ -323,7 +325,7 @@ def test_mlx_refuses_groups_it_cannot_run(tiny_args, tmp_path):
 # the CLI
 
 def run_merge(*args):
-    return subprocess.run([sys.executable, str(ROOT / "merge.py"), *map(str, args)],
+    return subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
@@ -350,54 +352,57 @@ def test_cli_merges_exports_and_checks(tiny_args, tmp_path):
     assert again.returncode == 1 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
     bad_flag = run_merge("--model", tmp_path / "base", "--adapter", tmp_path / "adapter", "--mlx-dtype", "int8")
     assert bad_flag.returncode == 2 and len(bad_flag.stderr.strip().splitlines()) == 1, bad_flag.stderr
-    import merge
+    import export
     with pytest.raises(UserError, match="another base"):      # the merged model is not the adapter's base
-        merge.main(["--model", str(tmp_path / "merged"), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "x")])
+        export.main(["--model", str(tmp_path / "merged"), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "x")])
     with pytest.raises(UserError, match="adapter.json"):
-        merge.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
+        export.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
 
 
 def test_cli_baseline_adapter_requantizes(tiny_args, tmp_path, capsys):
-    import merge
+    import export
     quantized_model(tiny_args, 4, 32).save_pretrained(tmp_path / "base")
     model = Transformer.from_pretrained(tmp_path / "base")
     add_adapters(model, rank=2, alpha=4.0, method="lora")
     randomize_B(model)
     save_adapters(model, tmp_path / "adapter")
-    merge.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+    export.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
                 "--out", str(tmp_path / "merged"), "--check"])
     out = capsys.readouterr().out
     rel = float(out.split("relative ")[1].split(")")[0])
     assert "merged lora adapter" in out and rel > 1e-4, out          # requantization is not exact
     with pytest.raises(UserError, match="--calib"):
-        merge.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+        export.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
                     "--out", str(tmp_path / "m2"), "--quant", "gptq"])
 
 
-def test_cli_baseline_gptq_on_stories(stories_dir, shared_dir, tmp_path, capsys):
-    import merge
-    base = quant.quantize_model(Transformer.from_pretrained(stories_dir), 4, 32)
-    base.save_pretrained(tmp_path / "base")                       # carries the tokenizer beside it
+def test_cli_baseline_gptq(tiny_model_dir, tiny_data, tmp_path, capsys):
+    """A plain-LoRA adapter on a 4-bit base with a sentencepiece tokenizer beside it (conftest's tiny model),
+    merged and requantized with GPTQ calibrated on a text file through that tokenizer."""
+    import export
+    base = quant.quantize_model(Transformer.from_pretrained(tiny_model_dir), 4, 32)
+    base.save_pretrained(tmp_path / "base", tokenizer=load_tokenizer(tiny_model_dir))  # the tokenizer beside it
     model = Transformer.from_pretrained(tmp_path / "base")
     add_adapters(model, rank=2, alpha=4.0, method="lora")
     randomize_B(model, std=0.02)
     save_adapters(model, tmp_path / "adapter")
-    merge.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out",
-                str(tmp_path / "merged"), "--quant", "gptq", "--calib", str(shared_dir / "data" / "tinyshakespeare.txt"),
+    export.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out",
+                str(tmp_path / "merged"), "--quant", "gptq", "--calib", str(tiny_data / "calib.txt"),
                 "--nsamples", "8", "--seq-len", "64", "--check"])
     out = capsys.readouterr().out
     assert "check checkpoint" in out and Transformer.from_pretrained(tmp_path / "merged").quantization["method"] == "gptq"
 
 
-def test_gguf_from_float_source_carries_the_tokenizer(tiny_args, stories_dir, tmp_path):
-    """A float source directory's sentencepiece tokenizer becomes llama.cpp tokenizer metadata."""
+def test_gguf_from_float_source_carries_the_tokenizer(tiny_args, tiny_model_dir, tmp_path):
+    """A float source directory's sentencepiece tokenizer (conftest's, trained in the test session) becomes
+    llama.cpp tokenizer metadata."""
     import sentencepiece
     from gguf import GGUFReader
-    model = merged_model(tiny_args, 4, 32, vocab_size=512)
-    model.source = str(stories_dir)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
+    model = merged_model(tiny_args, 4, 32, vocab_size=sp.vocab_size())
+    model.source = str(tiny_model_dir)
     reader = GGUFReader(str(export_gguf(model, tmp_path / "m.gguf")))
     field = lambda k: reader.fields[k].contents()  # noqa: E731
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(stories_dir / "tokenizer.model"))
     assert field("tokenizer.ggml.model") == "llama"
     assert field("tokenizer.ggml.tokens") == [sp.id_to_piece(i) for i in range(sp.vocab_size())]
     np.testing.assert_allclose(field("tokenizer.ggml.scores"), [sp.get_score(i) for i in range(sp.vocab_size())])

@@ -56,6 +56,20 @@ def test_generate_cli_reproduces_greedy_text(stories_dir):
     assert "tokens/s" in r.stderr and "GB/s" in r.stderr
 
 
+def test_generate_cli_prints_prompt_plus_greedy_continuation(tiny_model_dir):
+    """generate.py on a model directory (conftest's tiny LLaMA and its tokenizer): stdout is the prompt plus
+    the decoded greedy continuation that generate() computes in process, stderr the speed line."""
+    model = Transformer.from_pretrained(tiny_model_dir)
+    tok = load_tokenizer(tiny_model_dir)
+    new = generate(model, tok.encode("Once upon a time"), 24, eos_id=tok.eos_id)
+    assert len(new) >= 2
+    r = subprocess.run([sys.executable, "generate.py", "--model", str(tiny_model_dir), "--prompt", "Once upon a time",
+                        "--max-new-tokens", "24", "--temperature", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == "Once upon a time" + tok.decode(new)
+    assert f"{len(new)} tokens in" in r.stderr and "tokens/s" in r.stderr and "GB/s" in r.stderr
+
+
 # --- a random model with GQA, tied embeddings, rope_theta 500000 and llama3 scaling ----------------
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -236,22 +250,24 @@ def test_missing_path(tmp_path):
     assert_clean_error(*run_generate("--model", str(tmp_path / "nope")), "does not exist")
 
 
-def test_truncated_safetensors(tmp_path, stories_dir):
+def test_truncated_safetensors(tmp_path, tiny_model_dir):
+    src = tiny_model_dir
     d = tmp_path / "m"
     d.mkdir()
-    (d / "config.json").write_text((stories_dir / "config.json").read_text())
-    (d / "tokenizer.model").write_bytes((stories_dir / "tokenizer.model").read_bytes())
-    (d / "model.safetensors").write_bytes((stories_dir / "model.safetensors").read_bytes()[:5000])
+    (d / "config.json").write_text((src / "config.json").read_text())
+    (d / "tokenizer.model").write_bytes((src / "tokenizer.model").read_bytes())
+    (d / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:5000])
     assert_clean_error(*run_generate("--model", str(d)), "model.safetensors")
 
 
-def test_config_without_sizes(tmp_path, stories_dir):
+def test_config_without_sizes(tmp_path, tiny_model_dir):
+    src = tiny_model_dir
     d = tmp_path / "m"
     d.mkdir()
-    cfg = json.loads((stories_dir / "config.json").read_text())
+    cfg = json.loads((src / "config.json").read_text())
     del cfg["hidden_size"]
     (d / "config.json").write_text(json.dumps(cfg))
-    (d / "model.safetensors").write_bytes((stories_dir / "model.safetensors").read_bytes())
+    (d / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
     assert_clean_error(*run_generate("--model", str(d)), "hidden_size")
 
 
@@ -263,13 +279,13 @@ def test_gguf_with_unsupported_tensor_type(tmp_path):
                  ("attention.head_count", 4), ("attention.head_count_kv", 4), ("context_length", 64)]:
         w.add_uint32(f"llama.{k}", v)
     w.add_tensor("token_embd.weight", np.zeros((16, 32), np.float32))
-    # a Q5_0 tensor: 32 weights per 22-byte block
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((32, 22), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    # an IQ4_NL tensor (a non-affine lookup-table code): 32 weights per 18-byte block
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((32, 18), np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert_clean_error(*run_generate("--model", str(path)), "Q5_0")
+    assert_clean_error(*run_generate("--model", str(path)), "IQ4_NL")
 
 
 def test_from_pretrained_raises_user_error(tmp_path):

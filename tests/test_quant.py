@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import quant
+import quantize
 
 
 # ----------------------------------------------------------------------------- naive references
@@ -103,7 +104,7 @@ def test_group_ends_are_exact():
     assert torch.equal(w_hat.view(8, 3, 32).amin(dim=2), mins)
 
 
-@pytest.mark.parametrize("bad", [dict(bits=5, group_size=32), dict(bits=4, group_size=0),
+@pytest.mark.parametrize("bad", [dict(bits=7, group_size=32), dict(bits=4, group_size=0),
                                  dict(bits=4, group_size=-2), dict(bits=4, group_size=3.5)])
 def test_bad_arguments_raise_clearly(bad):
     with pytest.raises(Exception, match="bits|group_size"):
@@ -275,7 +276,7 @@ def test_quantized_checkpoint_round_trip(tiny_args, tmp_path):
 
 def _check_gguf_q4_1_round_trip(path, blocks=None):
     from gguf import GGMLQuantizationType as QT, GGUFReader
-    from model import q4_1_decode
+    from gguf_codec import q4_1_decode
     n_checked = 0
     for t in GGUFReader(path).tensors:
         if t.tensor_type != QT.Q4_1 or (blocks is not None and t.name.split(".")[1] not in blocks):
@@ -330,26 +331,27 @@ def test_gptq_replay_of_finished_submodules_changes_nothing(tiny_args, monkeypat
             assert torch.equal(m1.biases, m2.biases), n1
 
 
-def test_cli_rtn_and_gptq_on_stories(stories_dir, shared_dir, tmp_path, capsys):
-    """quant.py's main writes a checkpoint that loads back as the same quantized model."""
+def test_cli_rtn_and_gptq(tiny_model_dir, tiny_data, tmp_path, capsys):
+    """quantize.py's main writes a checkpoint that loads back as the same quantized model (on conftest's tiny
+    model directory, calibrated on its plain-text file)."""
     from model import Transformer, UserError
     out = tmp_path / "rtn"
-    quant.main(["--model", str(stories_dir), "--bits", "3", "--group-size", "32", "--quant", "rtn", "--out", str(out)])
+    quantize.main(["--model", str(tiny_model_dir), "--bits", "3", "--group-size", "32", "--quant", "rtn", "--out", str(out)])
     back = Transformer.from_pretrained(out)
-    ref = quant.quantize_model(Transformer.from_pretrained(stories_dir), 3, 32)
+    ref = quant.quantize_model(Transformer.from_pretrained(tiny_model_dir), 3, 32)
     assert back.quantization == {"bits": 3, "group_size": 32, "method": "rtn", "format": "affine"}
     for (n1, m1), (n2, m2) in zip(ref.named_modules(), back.named_modules()):
         if isinstance(m1, quant.QuantLinear):
             assert torch.equal(m1.qweight, m2.qweight) and torch.equal(m1.scales, m2.scales), n1
     assert (out / "tokenizer.model").is_file()
-    calib = shared_dir / "data" / "tinystories_valid_sample.txt"
-    quant.main(["--model", str(stories_dir), "--bits", "4", "--group-size", "32", "--quant", "gptq", "--calib",
+    calib = tiny_data / "calib.txt"
+    quantize.main(["--model", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "--quant", "gptq", "--calib",
                 str(calib), "--nsamples", "4", "--seq-len", "64", "--out", str(tmp_path / "gptq")])
     assert Transformer.from_pretrained(tmp_path / "gptq").quantization["method"] == "gptq"
     with pytest.raises(UserError, match="--calib"):
-        quant.main(["--model", str(stories_dir), "--quant", "gptq", "--out", str(tmp_path / "x")])
+        quantize.main(["--model", str(tiny_model_dir), "--quant", "gptq", "--out", str(tmp_path / "x")])
     with pytest.raises(UserError, match="--overwrite"):
-        quant.main(["--model", str(stories_dir), "--quant", "rtn", "--out", str(out)])
+        quantize.main(["--model", str(tiny_model_dir), "--quant", "rtn", "--out", str(out)])
 
 
 def test_gptq_keeps_weights_already_on_the_grid():

@@ -12,7 +12,10 @@ import sentencepiece
 from model import UserError
 from tokenizer import load_tokenizer
 
-SP_MODELS = {"stories260K": "models/stories260K/tokenizer.model", "llama2": "tokenizers/llama2/tokenizer.model"}
+# "tiny": conftest's sentencepiece BPE trained in the test session (always there); the real tokenizer.model
+# files below ../shared when present
+SP_MODELS = {"tiny": None, "stories260K": "models/stories260K/tokenizer.model",
+             "llama2": "tokenizers/llama2/tokenizer.model"}
 
 TEXTS = [
     "Hello world",
@@ -30,20 +33,29 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(params=list(SP_MODELS))
-def sp_model(request, shared_dir):
-    path = shared_dir / SP_MODELS[request.param]
+def sp_path(request, name):
+    """The tokenizer.model called `name` in SP_MODELS (the real ones skip when ../shared is absent)."""
+    if SP_MODELS[name] is None:
+        return request.getfixturevalue("tiny_sp_path")
+    path = request.getfixturevalue("shared_dir") / SP_MODELS[name]
     if not path.is_file():
         pytest.skip(f"{path} is absent")
-    return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    return path
+
+
+@pytest.fixture(params=list(SP_MODELS))
+def sp_model(request):
+    return sentencepiece.SentencePieceProcessor(model_file=str(sp_path(request, request.param)))
 
 
 @pytest.fixture
-def texts(shared_dir):
-    """TEXTS plus real paragraphs: a TinyStories story (CRLF kept) and the start of Tiny Shakespeare."""
-    out = list(TEXTS)
+def texts():
+    """TEXTS plus paragraphs: the start of conftest's corpus, with CRLF line ends and as it is, and, when
+    ../shared is there, a real TinyStories story (CRLF kept) and the start of Tiny Shakespeare."""
+    from conftest import SHARED, TINY_TEXT
+    out = list(TEXTS) + [TINY_TEXT[:1200], TINY_TEXT[:600].replace("\n", "\r\n")]
     for name, n in (("tinystories_valid_sample.txt", 1200), ("tinyshakespeare.txt", 800)):
-        path = shared_dir / "data" / name
+        path = SHARED / "data" / name
         if path.is_file():
             with open(path, encoding="utf-8", newline="") as f:
                 out.append(f.read(n))
@@ -158,24 +170,29 @@ def test_gguf_without_tokenizer_is_one_user_error(tmp_path):
         load_tokenizer(tmp_path / "bare.gguf")
 
 
-def test_gguf_exported_by_merge_loads_the_source_tokenizer(tiny_args, stories_dir, texts, tmp_path):
-    """merge.export_gguf writes the source's tokenizer.model with the gguf package's own converter plus the
-    normalizer flags (stories260K removes extra whitespace); reading that GGUF back gives the source's
-    tokenization, leading, trailing and repeated spaces included."""
+@pytest.mark.parametrize("name", ["tiny", "stories260K"])
+def test_gguf_exported_by_merge_loads_the_source_tokenizer(request, name, tiny_args, texts, tmp_path):
+    """export.export_gguf writes the source's tokenizer.model with the gguf package's own converter plus the
+    normalizer flags (both tokenizers remove extra whitespace); reading that GGUF back gives the source's
+    tokenization, leading, trailing and repeated spaces included. stories260K: also its golden prompt ids."""
     from conftest import quantized_model
-    from merge import export_gguf
-    model = quantized_model(tiny_args, 4, 32, vocab_size=512)
-    model.source = str(stories_dir)
+    from export import export_gguf
+    path = sp_path(request, name)  # the tokenizer.model of a model directory: conftest's tiny one, stories260K
+    source = request.getfixturevalue("tiny_model_dir") if name == "tiny" else path.parent
+    assert (source / "tokenizer.model").read_bytes() == path.read_bytes()
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    model = quantized_model(tiny_args, 4, 32, vocab_size=sp.vocab_size())
+    model.source = str(source)
     tok = load_tokenizer(export_gguf(model, tmp_path / "m.gguf"))
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(stories_dir / "tokenizer.model"))
     assert any(t != t.strip(" ") or "  " in t for t in texts)
     assert_same_as(tok, sp, texts)
-    assert tok.encode("Once upon a time") == json.loads((stories_dir / "greedy.json").read_text())["prompt_ids"]
+    if name == "stories260K":
+        assert tok.encode("Once upon a time") == json.loads((source / "greedy.json").read_text())["prompt_ids"]
 
 
-def test_corrupt_tokenizer_config_is_one_error(tmp_path, stories_dir):
+def test_corrupt_tokenizer_config_is_one_error(tmp_path, tiny_sp_path):
     import shutil
-    shutil.copyfile(stories_dir / "tokenizer.model", tmp_path / "tokenizer.model")
+    shutil.copyfile(tiny_sp_path, tmp_path / "tokenizer.model")
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(UserError, match="tokenizer_config.json: not valid JSON"):
         load_tokenizer(tmp_path)

@@ -19,13 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def tiny_dir(tmp_path, tiny_args, stories_dir):
-    """A random tiny LLaMA (dim 64: every group 32 wide, so GGUF export works) with the stories tokenizer."""
+def tiny_dir(tmp_path, tiny_args, tiny_sp_path, tiny_tokenizer):
+    """A random tiny LLaMA (dim 64: every group 32 wide, so GGUF export works) with the test-trained
+    sentencepiece tokenizer (conftest)."""
     torch.manual_seed(0)
-    model = Transformer(tiny_args(vocab_size=512, max_seq_len=512))
+    model = Transformer(tiny_args(vocab_size=tiny_tokenizer.vocab_size, max_seq_len=512))
     d = tmp_path / "tiny"
     model.save_pretrained(d)
-    shutil.copy(stories_dir / "tokenizer.model", d / "tokenizer.model")
+    shutil.copy(tiny_sp_path, d / "tokenizer.model")
     return d
 
 
@@ -104,7 +105,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, tmp_path):
     assert state["step"] == len(good) >= 1
 
 
+def test_alpaca_records_train_and_evaluate(tiny_dir, tmp_path, tiny_data):
+    """An Alpaca-format JSON file (records with and without an input) trains, and merged == unmerged."""
+    out = tmp_path / "run"
+    train.main(flags(tiny_dir, out, "--data", str(tiny_data / "alpaca.json"),
+                     "--max-steps", "2", "--seq-len", "128", "--n-heldout", "4", "--no-gguf"))
+    recs = records(out)
+    assert len(losses(out)) == 2 and all(torch.isfinite(torch.tensor(losses(out))))
+    final = recs[-1]
+    assert "exact_match_before" not in final and "merged_eval_loss" in final
+    assert abs(final["merged_eval_loss"] - final["unmerged_eval_loss"]) <= 1e-5 * final["unmerged_eval_loss"]
+
+
 def test_alpaca_1k_trains_and_evaluates(tiny_dir, tmp_path, shared_dir):
+    """The real Alpaca-1k file (../shared/data) through the same run."""
     out = tmp_path / "run"
     train.main(flags(tiny_dir, out, "--data", str(shared_dir / "data" / "alpaca_data_1k.json"),
                      "--max-steps", "2", "--seq-len", "128", "--n-heldout", "8", "--no-gguf"))
