@@ -12,7 +12,7 @@ import torch
 import kernels
 import quant
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 8)
 # (out, in, group_size): aligned; short last group (576 = 4*128 + 64, SmolLM2's width); whole rows;
 # a group width that does not fill whole bytes (6 codes at 4 bits per byte... 6 % 4 != 0 at 2 bits)
 SHAPES = [(48, 96, 32), (32, 72, 32), (32, 576, 128), (16, 64, -1), (24, 100, 6)]

@@ -37,7 +37,7 @@ def rel_err(a, b):
 # 128 -> the whole 80-wide row, and 128 + a short 72.
 @pytest.mark.filterwarnings("ignore:rank 2 exceeds")
 @pytest.mark.parametrize("pool_scale", POOL_SCALES)
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("group_size", [16, 32, 64, 128])
 def test_merge_is_exact(tiny_args, bits, group_size, pool_scale):
     model = quantized_model(tiny_args, bits, group_size, dim=80, hidden_dim=200, n_heads=4, n_kv_heads=2)

@@ -51,7 +51,7 @@ def objective(w, w_hat, H):
 
 # ----------------------------------------------------------------------------- RTN
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("n,group_size", [(64, 32), (172, 32), (96, 128), (100, -1), (576, 128), (7, 3)])
 def test_rtn_matches_naive_and_error_bound(bits, n, group_size):
     w = torch.randn(5, n) * 0.1
@@ -81,7 +81,7 @@ def test_rtn_group_sizes_and_short_group():
     assert torch.allclose(s[:, -1], (w[:, 160:].max(dim=1).values - w[:, 160:].min(dim=1).values) / 15)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_constant_group_is_exact(bits):
     w = torch.randn(4, 64)
     w[1, 32:] = 0.3712
@@ -113,7 +113,7 @@ def test_bad_arguments_raise_clearly(bad):
 
 # ----------------------------------------------------------------------------- packing
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("n", [1, 5, 7, 8, 13, 32, 172])
 def test_pack_matches_naive_and_round_trips(bits, n):
     q = torch.randint(0, 2**bits, (3, n), dtype=torch.uint8)
