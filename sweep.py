@@ -7,6 +7,7 @@ which learning rate trains the adapter well. This script chooses c and each meth
 
     python sweep.py                  # all stages, resumable: finished runs are reused (~2.5 h on 2 cores)
     python sweep.py --report         # only rebuild the tables and the figure from finished runs
+    python sweep.py --quick          # the confirmation: 4 bits, LoRA / mean / sum only (~45 min on 2 cores)
 
 Every run is `train.py --max-steps 40 --n-val 64 ...` on the embedded SmolLM2 and the built-in synthetic
 tasks. Choices are made on the validation split (64 examples split off the training examples with
@@ -15,10 +16,13 @@ tasks. Choices are made on the validation split (64 examples split off the train
   1. 4 bits: every pool scale and LoRA, 5 lrs each, half a decade apart, centred where the input's scale
      puts the optimum (sum/ngroups read inputs ~sqrt(g) larger than sqrt, mean ~sqrt(g) smaller);
      then lr/2 and 2*lr around the best of the two best pool scales and of LoRA;
-  2. 3 and 2 bits (RTN bases made once by quant.py, trained with --quant native): the two best pool
+  2. 3 and 2 bits (RTN bases made once by quantize.py, trained with --quant native): the two best pool
      scales and LoRA, 3 lrs around each one's 4-bit optimum (x1/3, x1, x3);
   3. the official xavier init of A against Kaiming, on the winner only, at lr/2, lr, 2*lr;
   4. seeds 1 and 2 for the winner, the runner-up and LoRA at their chosen lrs (seed noise).
+
+--quick repeats the decision on a smaller grid: 4 bits, LoRA and the mean and sum pool scales at
+x1/2, x1, x2 of QUICK_CENTRE (the full sweep's optima, docs/pooling.md), then stage 4's seeds.
 
 Writes OUT/sweep.md, OUT/sweep.json and OUT/curves.png (matplotlib, optional:
 `pip install -r requirements-experiments.txt`); OUT/runs/*.json hold each finished run (its final
@@ -34,13 +38,14 @@ import sys
 import time
 from pathlib import Path
 
-from model import ArgumentParser, UserError, atomic_path, run_cli
+from cli import ArgumentParser, UserError, atomic_path, run_cli
 
 ROOT = Path(__file__).resolve().parent
 POOLS = ("mean", "sum", "sqrt", "ngroups")
 # stage-1 centres: LoRA's lr where the adapter's input has x's per-entry RMS (LoRA itself, sqrt), scaled by
 # 1/c for the others: the mean reads ~1/sqrt(32) of it, the sum and ngroups (18-48 groups) ~sqrt(32) more
 CENTRE = {"lora": 1e-3, "sqrt": 1e-3, "mean": 1e-2, "sum": 3e-4, "ngroups": 3e-4}
+QUICK_CENTRE = {"lora": 1e-3, "mean": 2e-2, "sum": 6e-4}
 HALF_DECADE = {1e-2: (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), 1e-3: (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
                3e-4: (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)}
 
@@ -55,6 +60,7 @@ def get_args(argv=None):
     a("--jobs", type=int, default=2, help="runs at a time (each with --threads cores / jobs)")
     a("--stages", default="1,2,3,4", help="comma-separated stages to run (later stages need earlier ones)")
     a("--report", action="store_true", help="only write the tables and figure from finished runs")
+    a("--quick", action="store_true", help="4 bits, LoRA/mean/sum around QUICK_CENTRE, then seeds (stage 4)")
     args = p.parse_args(argv)
     try:
         args.stages = {int(s) for s in args.stages.split(",")}
@@ -101,7 +107,7 @@ def make_base(args, bits):
     if (d / "config.json").exists():
         return
     say(f"quantizing the {bits}-bit RTN base -> {d}")
-    subprocess.run([sys.executable, str(ROOT / "quant.py"), "--bits", str(bits), "--group-size", "32",
+    subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--bits", str(bits), "--group-size", "32",
                     "--quant", "rtn", "--out", str(d), "--overwrite"], check=True, cwd=ROOT)
 
 
@@ -185,6 +191,8 @@ def ranked_pools(runs, bits=4):
 
 
 def plan(args, runs, stage):
+    if stage == "quick":
+        return [spec(4, w, lr * f) for w, lr in QUICK_CENTRE.items() for f in (0.5, 1.0, 2.0)]
     if stage == 1:
         return [spec(4, w, lr) for w in ("lora",) + POOLS for lr in HALF_DECADE[CENTRE[w]]]
     if stage == 1.5:  # planned on stage 1's grid only, so a resumed sweep makes the same choice
@@ -249,7 +257,7 @@ def lr_table(runs, bits, init="kaiming"):
 def report(args, runs):
     out = Path(args.out)
     lines = ["# Pool scale and learning rate: the sweep", "",
-             f"`python sweep.py` ({len(runs)} runs of `train.py --max-steps {args.steps} --n-val {args.n_val}` on the "
+             f"`python sweep.py{' --quick' if args.quick else ''}` ({len(runs)} runs of `train.py --max-steps {args.steps} --n-val {args.n_val}` on the "
              f"embedded SmolLM2-135M-Instruct, synthetic tasks; {platform.machine()}, {os.cpu_count()} cores). "
              "Cells: **validation** loss (unmerged; 64 examples split off the training set, never the held-out "
              "split); bold: each row's best lr.", ""]
@@ -343,8 +351,8 @@ def plot(runs, path):
 def main(argv=None):
     args = get_args(argv)
     if not args.report:
-        for stage in (1, 1.5, 2, 3, 4):
-            if int(stage) in args.stages:
+        for stage in ("quick", 4) if args.quick else (1, 1.5, 2, 3, 4):
+            if args.quick or int(stage) in args.stages:
                 say(f"== stage {stage}")
                 run_all(args, plan(args, load_runs(args), stage))
     runs = load_runs(args)
