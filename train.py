@@ -623,8 +623,8 @@ def merge_and_evaluate(run, model, tok, splits, exact, qmethod, before):
     run.say(f"held-out loss: before {before['eval_loss']:.4f}, unmerged {final['unmerged_eval_loss']:.6f}, "
             f"merged {final['merged_eval_loss']:.6f} (relative difference {rel:.1e})")
     if "merged_exact_match" in final:
-        run.say(f"exact match: unmerged {final['unmerged_exact_match']:.3f}, merged {final['merged_exact_match']:.3f}")
-        run.say(f"exact match: {before['exact_match']:.3f} -> {final['merged_exact_match']:.3f}")
+        run.say(f"exact match: before {before['exact_match']:.3f}, unmerged {final['unmerged_exact_match']:.3f}, "
+                f"merged {final['merged_exact_match']:.3f}")
     return final
 
 
