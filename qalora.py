@@ -15,7 +15,8 @@ whatever the constant c_g, the `pool_scale`:
     ngroups  c_g = n_groups   PEFT's use_qalora (the mean times in_features // group_size)
 
 with g each group's own width (a short last group uses its own). The merge absorbs c, but AdamW is not
-scale-invariant in its input: c decides which learning rate trains the adapter well (docs/pooling.md).
+scale-invariant in its input: c decides which learning rate trains the adapter well. The default, sum at
+lr 6e-4, was chosen by experiment on a validation split (sweep.py, docs/pooling.md).
 A starts as nn.Linear's Kaiming uniform (init "kaiming", as PEFT) or xavier uniform (the official code).
 The pooled width caps the useful rank: rank(B @ A) <= n_groups (SmolLM2 at group 32: 576 / 32 = 18).
 """
@@ -34,7 +35,7 @@ from quant import QuantLinear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 POOL_SCALES = ("mean", "sum", "sqrt", "ngroups")
-DEFAULT_POOL_SCALE = "mean"
+DEFAULT_POOL_SCALE = "sum"  # chosen by sweep.py on a validation split (docs/pooling.md)
 INITS = ("kaiming", "xavier")
 
 

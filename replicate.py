@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parent
 FULL = dict(steps=40, batch_size=8, seq_len=256, n_train=2000, n_heldout=64, alpaca_heldout=50,
             calib_windows=128, calib_len=256, limit_arc=200, limit_hellaswag=200, limit_mmlu=200)
 # each method's peak lr per bit width, chosen on a validation split by sweep.py (docs/pooling.md)
-CHOSEN_LR = {"qalora": {4: 1e-3, 3: 1e-3, 2: 1e-3, 8: 1e-3}, "lora": {4: 1e-3, 3: 1e-3, 2: 1e-3, 8: 1e-3}}
+CHOSEN_LR = {"qalora": {4: 6e-4, 3: 6e-4, 2: 1.8e-3, 8: 6e-4}, "lora": {4: 1e-3, 3: 1e-3, 2: 3e-3, 8: 1e-3}}
 QUICK = dict(steps=16, batch_size=4, seq_len=128, n_train=400, n_heldout=24, alpaca_heldout=12,
              calib_windows=8, calib_len=256, limit_arc=24, limit_hellaswag=16, limit_mmlu=24)
 

@@ -214,6 +214,23 @@ def plan(args, runs, stage):
     raise AssertionError(stage)
 
 
+def seed_mean(runs, what, lr, init="kaiming", bits=4):
+    """Mean validation loss over seeds 0, 1, 2 at one lr, or None until all three ran."""
+    vs = [val(s) for s in runs.values() if (s["spec"]["pool"] or "lora") == what and s["spec"]["lr"] == lr
+          and s["spec"]["init"] == init and s["spec"]["bits"] == bits]
+    return sum(vs) / len(vs) if len(vs) >= 3 else None
+
+
+def chosen_pool(runs):
+    """The final choice: of the two best pool scales at seed 0, the lower mean over three seeds at its best
+    lr once stage 4 has run them (seed noise is as large as their difference), else the seed-0 winner."""
+    top = ranked_pools(runs)[:2]
+    means = {w: seed_mean(runs, w, best(runs, 4, w)[0]) for w in top}
+    if len(top) == 2 and None not in means.values():
+        return min(top, key=means.get), "mean of seeds 0-2 at each one's best lr"
+    return top[0], "seed 0"
+
+
 def chosen_init(runs):
     winner = ranked_pools(runs)[0]
     x = best(runs, 4, winner, "xavier")
@@ -294,9 +311,9 @@ def report(args, runs):
             lines.append(f"| {'LoRA' if w == 'lora' else 'QA-LoRA ' + w} | {init} | {lr:g} | {ms('unmerged_val_loss')} | "
                          f"{ms('unmerged_eval_loss')} | {ms('merged_eval_loss')} |")
     if ranked_pools(runs):
-        w = ranked_pools(runs)[0]
+        w, how = chosen_pool(runs)
         init = chosen_init(runs)
-        lines += ["", f"Chosen on validation: pool scale **{w}**, init **{init}**, QA-LoRA lr "
+        lines += ["", f"Chosen on validation ({how}): pool scale **{w}**, init **{init}**, QA-LoRA lr "
                   f"**{best(runs, 4, w, init)[0]:g}**, LoRA lr **{best(runs, 4, 'lora')[0]:g}**."]
     figure = plot(runs, out / "curves.png")
     lines += ["", f"![loss curves]({figure.name})" if figure else "(no figure: matplotlib is not installed)"]

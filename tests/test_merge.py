@@ -62,7 +62,7 @@ def test_merge_is_exact(tiny_args, bits, group_size, pool_scale):
 def test_merge_formula_per_group(tiny_args):
     """biases'[:, g] = biases[:, g] + s * (B @ A)[:, g] / size(g), with the short last group's own size."""
     model = quantized_model(tiny_args, 4, 64, dim=80, hidden_dim=200)
-    add_adapters(model, rank=2, alpha=3.0, targets=("down_proj",))
+    add_adapters(model, rank=2, alpha=3.0, targets=("down_proj",), pool_scale="mean")
     randomize_B(model)
     layer = model.layers[0].mlp.down_proj
     expect = layer.base.biases.double() + 1.5 * (layer.lora_B.weight.double() @ layer.lora_A.weight.double()) \

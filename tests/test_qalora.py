@@ -9,7 +9,7 @@ import torch.nn as nn
 import quant
 from kernels import pool_groups
 from model import Transformer, UserError
-from qalora import LoRALinear, QALoRALinear, add_adapters, adapter_layers, load_adapters, save_adapters
+from qalora import DEFAULT_POOL_SCALE, LoRALinear, QALoRALinear, add_adapters, adapter_layers, load_adapters, save_adapters
 
 from conftest import quantized_model, randomize_B  # noqa: E402
 
@@ -190,7 +190,7 @@ def test_adapter_json_without_pool_scale_loads_as_mean(tiny_args, tmp_path):
     """adapter.json files written before pool_scale existed hold a mean-pooled adapter."""
     base = quantized_model(tiny_args, group_size=16, dim=80)
     model = copy.deepcopy(base)
-    add_adapters(model, rank=3, alpha=6.0)
+    add_adapters(model, rank=3, alpha=6.0, pool_scale="mean")  # what old files hold
     randomize_B(model)
     save_adapters(model, tmp_path / "ad")
     path = tmp_path / "ad" / "adapter.json"
@@ -199,7 +199,7 @@ def test_adapter_json_without_pool_scale_loads_as_mean(tiny_args, tmp_path):
     path.write_text(json.dumps(meta))
     fresh = copy.deepcopy(base)
     load_adapters(fresh, tmp_path / "ad")
-    assert fresh.adapter_config["pool_scale"] == "mean"
+    assert fresh.adapter_config["pool_scale"] == "mean" != DEFAULT_POOL_SCALE   # not today's default
     ids = torch.randint(0, model.args.vocab_size, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
