@@ -65,8 +65,11 @@ def _one_row_matmul(h, w):
 
 
 def lm_head(model, h, compiled=False):
-    """model.lm_head(h) for h [M, dim]. compiled=True and one row of a float head: a compiled multiply-and-
-    sum, which streams the head's weights near memory speed where BLAS's one-row kernels do not."""
+    """model.lm_head(h) for h [M, dim]. A tied head kept as Q8_0 codes (model.head_codes) and a few rows: the
+    gemv over those codes. Else, compiled=True and one row of a float head: a compiled multiply-and-sum, which
+    streams the head's weights near memory speed where BLAS's one-row kernels do not."""
+    if model.head_codes is not None and h.shape[0] <= kernels.GEMV_MAX_M and kernels.gemv_available():
+        return kernels.gemv_codes(h, model.head_codes, model.head_scales, model.head_biases, 8, 32).to(h.dtype)
     head = model.lm_head
     if not (compiled and kernels.COMPILE and h.shape[0] == 1 and type(head) is torch.nn.Linear and head.bias is None):
         return head(h)

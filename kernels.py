@@ -258,10 +258,15 @@ def _load_cpu_kernels():
     return True
 
 
+def gemv_codes(x2, qweight, scales, biases, bits, group_size):
+    """x2 [M <= GEMV_MAX_M, in] @ the packed codes' weights^T -> [M, out] in float32, one pass over them."""
+    return torch.ops.qalora.gemv(x2.float().contiguous(), qweight, scales.float().contiguous(),
+                                 biases.float().contiguous(), bits, group_size)
+
+
 def gemv(x2, layer):
     """x2 [M <= GEMV_MAX_M, in] -> [M, out] in float32 (+ layer.bias), one pass over the packed codes."""
-    y = torch.ops.qalora.gemv(x2.float().contiguous(), layer.qweight, layer.scales.float().contiguous(),
-                              layer.biases.float().contiguous(), layer.bits, layer.group_size)
+    y = gemv_codes(x2, layer.qweight, layer.scales, layer.biases, layer.bits, layer.group_size)
     return y + layer.bias.float() if layer.bias is not None else y
 
 

@@ -235,6 +235,10 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)  # [hd/2]
+        # A tied head read from a GGUF's Q8_0 embedding, kept as its 8-bit codes (group 32) for one-row decode
+        # steps (generate.lm_head): the embedding's own values, a quarter of an fp32 copy's bytes. Not saved.
+        for name in ("head_codes", "head_scales", "head_biases"):
+            self.register_buffer(name, None, persistent=False)
         self.grad_checkpointing = False
         self.quantization = None   # the checkpoint's "quantization" object when quantized
         self.source = None         # the path this model was loaded from
@@ -598,6 +602,8 @@ def _load_gguf_tensors(path: Path, dtype, keep_quantized: bool) -> Transformer:
             if keep_quantized and ours.endswith("_proj.weight"):
                 quantized[ours[:-len(".weight")]] = (codes, scales, biases, bits, group, tt.name)
                 continue
+            if keep_quantized and ours == "embed_tokens.weight" and args.tie_embeddings and (bits, group) == (8, 32):
+                model.head_codes, model.head_scales, model.head_biases = codes, scales.float(), biases.float()
             w = dequantize(codes, scales, biases, group)  # bit-exact to llama.cpp's own dequantization
         if heads and tt in FLOAT_TYPES:
             w = permute_qk(w, heads, inverse=True)

@@ -98,6 +98,23 @@ def test_compiled_decode_with_explicit_impls(tiny_model_dir):
     torch.testing.assert_close(step_logits(model, ids, True), step_logits(model, ids, False), rtol=1e-4, atol=1e-4)
 
 
+def test_q8_0_head_kept_as_codes(smollm_gguf, tmp_path):
+    """The embedded file's tied Q8_0 embedding: decode's head reads its 8-bit codes (the same values as the
+    float embedding, a quarter of the bytes), which checkpoints do not save."""
+    if not kernels.gemv_available():
+        pytest.skip("the C++ gemv is not built here")
+    model = Transformer.from_pretrained(smollm_gguf, keep_quantized=True)
+    assert model.head_codes is not None and model.head_codes.dtype == torch.uint8
+    w = quant.dequantize(model.head_codes, model.head_scales, model.head_biases, 32)
+    assert torch.equal(w, model.embed_tokens.weight)
+    h = torch.randn(3, model.args.dim)
+    with torch.no_grad():
+        torch.testing.assert_close(lm_head(model, h), model.lm_head(h), rtol=1e-5, atol=1e-4)
+    assert not any(k.startswith("head_") for k in model.state_dict())
+    reloaded = Transformer.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
+    assert reloaded.head_codes is None    # a checkpoint dir holds the float embedding only
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_compiled_one_row_head_equals_lm_head(tiny_model_dir, dtype, tol):
     model = load(tiny_model_dir, dtype=dtype)
