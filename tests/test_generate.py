@@ -64,6 +64,19 @@ def test_compiled_batch_decode_equals_eager(tiny_model_dir):
     assert generate_batch(model, many, 6, compile=True) == generate_batch(model, many, 6)
 
 
+def test_recompile_under_skipped_guards_falls_back(tiny_model_dir, monkeypatch):
+    """With no warm-up steps the stance starts before the padded batch's second compile: torch raises on
+    that recompile, and generate_batch repeats the step with full guards; the tokens stay the eager ones."""
+    import generate as gen
+    torch._dynamo.reset()
+    gen._compiled.clear()
+    monkeypatch.setattr(gen, "WARM_STEPS", 0)
+    model = load(tiny_model_dir, 4, 32)
+    tok = load_tokenizer(tiny_model_dir)
+    prompts = [tok.encode(t) for t in ("Once upon a time", "The cat", "Lily and Tom went to the park")]
+    assert generate_batch(model, prompts, 8, compile=True) == generate_batch(model, prompts, 8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_decode_sees_biases_changed_in_place(tiny_model_dir, dtype):
     model = load(tiny_model_dir, 4, 32, dtype=dtype)
