@@ -284,7 +284,7 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden_states(tokens, start_pos, pad_mask))  # [B, T, vocab]
 
     def setup_cache(self, batch: int, max_seq_len: int):
-        p = next(self.parameters())
+        p = self.norm.weight  # the activations' dtype (the embedding may be stored narrower)
         for layer in self.layers:
             a = layer.self_attn
             a.cache_k = torch.zeros(batch, a.n_kv_heads, max_seq_len, a.head_dim, dtype=p.dtype, device=p.device)

@@ -122,8 +122,8 @@ def get_args(argv=None):
     except ValueError:
         raise UserError(f"--bits {args.bits!r}: give comma-separated integers such as 4,3,2")
     for b in args.bits:
-        if b not in (2, 3, 4, 8):
-            raise UserError(f"--bits: {b} is not supported; choose from 2, 3, 4, 8")
+        if b not in CHOSEN_LR["qalora"]:
+            raise UserError(f"--bits: {b} has no lr chosen by sweep.py; choose from {sorted(CHOSEN_LR['qalora'])}")
     for k in ("steps", "batch_size", "seq_len", "n_train", "n_heldout", "alpaca_heldout", "calib_windows",
               "calib_len", "limit_arc", "limit_hellaswag", "limit_mmlu", "rank"):
         if getattr(args, k) < 1:
