@@ -360,18 +360,20 @@ def bench_vs_peft(args, out, B=8, T=56, rank=16):
     path = embedded_model_path()
     torch.manual_seed(0)
     tokens = torch.randint(0, 49152, (B, T))
-    ours = Transformer.from_pretrained(path, keep_quantized=True)
-    params = add_adapters(ours, rank, 16.0, 0.05)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    loss_fn = train.ResponseLoss(ours).train()
+    for dtype, key in ((torch.float32, "train ours s/step"), (torch.bfloat16, "train ours bf16 s/step")):
+        ours = Transformer.from_pretrained(path, dtype=dtype, keep_quantized=True)
+        params = add_adapters(ours, rank, 16.0, 0.05)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        loss_fn = train.ResponseLoss(ours).train()
 
-    def ours_step():
-        (loss_fn(tokens, tokens) / (B * (T - 1))).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    out["train ours s/step"] = _step_time(ours_step, args.train_steps)
-    print(f"train QA-LoRA, 4-bit codes  {out['train ours s/step']:.3f} s/step ([{B}x{T}] tokens, median of "
-          f"{args.train_steps})", flush=True)
+        def ours_step():
+            (loss_fn(tokens, tokens) / (B * (T - 1))).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[key] = _step_time(ours_step, args.train_steps)
+        print(f"train QA-LoRA, 4-bit codes, {str(dtype)[6:]} activations  {out[key]:.3f} s/step ([{B}x{T}] "
+              f"tokens, median of {args.train_steps})", flush=True)
+        del ours, opt, loss_fn
     try:
         import peft
         import transformers
@@ -392,8 +394,10 @@ def bench_vs_peft(args, out, B=8, T=56, rank=16):
         popt.zero_grad(set_to_none=True)
     out["train peft s/step"] = _step_time(peft_step, args.train_steps)
     out["train peft / ours"] = out["train peft s/step"] / out["train ours s/step"]
+    out["train peft / ours bf16"] = out["train peft s/step"] / out["train ours bf16 s/step"]
     print(f"train transformers {transformers.__version__} + PEFT {peft.__version__} LoRA, fp32 "
-          f"{out['train peft s/step']:.3f} s/step: ours is {out['train peft / ours']:.2f}x faster", flush=True)
+          f"{out['train peft s/step']:.3f} s/step: ours is {out['train peft / ours']:.2f}x faster with fp32 "
+          f"activations, {out['train peft / ours bf16']:.2f}x with bf16", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -511,7 +515,8 @@ def targets(rows, decode):
         out["decode 4-bit bf16 act x float32 (>=1.5)"] = round(decode["4-bit bf16 act"] / decode["float32"], 2)
     for k, target in (("block_ratio", "block 7b 4-bit x fp32 (>=4)"), ("ours bf16 act / llama.cpp", "decode bf16 act / llama.cpp (>=1.0)"),
                       ("ours fp32 act / llama.cpp", "decode fp32 act / llama.cpp (>=0.8)"),
-                      ("train peft / ours", "train step x transformers+PEFT (>=1.3)")):
+                      ("train peft / ours", "train step x transformers+PEFT (>=1.3)"),
+                      ("train peft / ours bf16", "train step, bf16 activations, x transformers+PEFT fp32 (>=1.3)")):
         if k in decode:
             out[target] = round(decode[k], 2)
     if "scale" in decode:
