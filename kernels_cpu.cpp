@@ -111,6 +111,21 @@ inline void decode32_512(const uint8_t* q, int64_t j, int bits, __m512& a, __m51
   }
 }
 
+// A row's result for each row m of x: its two totals of scale-weighted group dot products, plus the bias term
+// sum_g biases[g] * xsum[m, g] as a dot product over the groups.
+template <int M>
+inline void finish512(const __m512 (&tot)[M][2], const float* biases, const float* xsum, int64_t ng, float* out) {
+  for (int m = 0; m < M; m++) {
+    __m512 bt = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 16 <= ng; g += 16)
+      bt = _mm512_fmadd_ps(_mm512_loadu_ps(biases + g), _mm512_loadu_ps(xsum + m * ng + g), bt);
+    float rest = 0.f;
+    for (; g < ng; g++) rest += biases[g] * xsum[m * ng + g];
+    out[m] = rest + _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(tot[m][0], tot[m][1]), bt));
+  }
+}
+
 // The AVX-512 row for 4- and 8-bit codes whose groups are all multiples of 32 wide: sum_i x_i q_i per group
 // in two vector accumulators, then one FMA by the group's scale into the row's total (no per-weight
 // multiply by the scale, no horizontal sum per group).
@@ -144,15 +159,7 @@ void row512(const float* x, int64_t K, const float* xsum, const uint8_t* q, cons
     const __m512 vs = _mm512_set1_ps(scales[g]);
     for (int m = 0; m < M; m++) tot[m][g & 1] = _mm512_fmadd_ps(vs, _mm512_add_ps(v0[m], v1[m]), tot[m][g & 1]);
   }
-  for (int m = 0; m < M; m++) {
-    __m512 bt = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 16 <= ng; g += 16)
-      bt = _mm512_fmadd_ps(_mm512_loadu_ps(biases + g), _mm512_loadu_ps(xsum + m * ng + g), bt);
-    float rest = 0.f;
-    for (; g < ng; g++) rest += biases[g] * xsum[m * ng + g];
-    out[m] = rest + _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(tot[m][0], tot[m][1]), bt));
-  }
+  finish512<M>(tot, biases, xsum, ng, out);
 }
 
 // 4 bits, K % 64 == 0, G % 32 == 0: 64 codes are 32 bytes; their low nibbles are the even columns and the
@@ -190,15 +197,7 @@ void row512_q4(const float* xp, int64_t K, const float* xsum, const uint8_t* q, 
       }
     }
   }
-  for (int m = 0; m < M; m++) {
-    __m512 bt = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 16 <= ng; g += 16)
-      bt = _mm512_fmadd_ps(_mm512_loadu_ps(biases + g), _mm512_loadu_ps(xsum + m * ng + g), bt);
-    float rest = 0.f;
-    for (; g < ng; g++) rest += biases[g] * xsum[m * ng + g];
-    out[m] = rest + _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(tot[m][0], tot[m][1]), bt));
-  }
+  finish512<M>(tot, biases, xsum, ng, out);
 }
 #endif
 
