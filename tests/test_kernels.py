@@ -127,7 +127,7 @@ needs_gemv = pytest.mark.skipif(not kernels.gemv_available(), reason="the C++ ge
 
 @needs_gemv
 @pytest.mark.parametrize("bits", (1, 2, 3, 4, 5, 6, 7, 8))
-@pytest.mark.parametrize("shape", SHAPES + [(20, 4096, 32), (8, 37, 10), (8, 40, 16)])
+@pytest.mark.parametrize("shape", SHAPES + [(20, 4096, 32), (8, 37, 10), (8, 40, 16), (16, 192, 64), (8, 320, 96)])
 def test_gemv_equals_reference(bits, shape):
     out_f, in_f, gs = shape
     q = torch.randint(0, 2 ** bits, (out_f, in_f), dtype=torch.uint8)
