@@ -60,6 +60,13 @@ def offset_type(layer):
     return OFFSET_TYPES.get(layer.bits) if all(w % 32 == 0 for w in widths) else None
 
 
+def offsetless_layers(model):
+    """{name: ggml_type} of the GGUF-loaded linears whose codes have no GGUF type of their width with a float
+    offset (Q8_0, Q6_K, Q3_K, Q2_K): a merge that changes them cannot go out with the codes unchanged."""
+    return {n: m.ggml_type for n, m in model.named_modules()
+            if isinstance(m, quant.QuantLinear) and m.ggml_type and offset_type(m) is None}
+
+
 def _source_tensors(model):
     return {t.name: t for t in gguf_reader(model.gguf_path).tensors} if model.gguf_path else {}
 

@@ -450,8 +450,7 @@ def add_adapters(run, model):
     """Seeded adapters (their init draws from the torch RNG) and the AdamW over their parameters."""
     args = run.args
     seed_all(args.seed + run.rank)
-    offsetless = {n: m.ggml_type for n, m in model.named_modules()
-                  if isinstance(m, quant.QuantLinear) and m.ggml_type and export.offset_type(m) is None}
+    offsetless = export.offsetless_layers(model)
     exclude = tuple(offsetless) if args.offsetless == "skip" else ()
     if offsetless:
         kinds = ", ".join(f"{k} x{list(offsetless.values()).count(k)}" for k in sorted(set(offsetless.values())))

@@ -120,10 +120,9 @@ def test_mixed_merge_is_exact_per_layer(mixed_gguf):
 
 def trained_and_merged(path, offsetless):
     """What train.py does: adapters everywhere except (with skip) the offsetless layers; B random; merged."""
-    import export
+    from export import offsetless_layers
     model = Transformer.from_pretrained(path, keep_quantized=True)
-    exclude = [n for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)
-               and m.ggml_type and export.offset_type(m) is None] if offsetless == "skip" else []
+    exclude = list(offsetless_layers(model)) if offsetless == "skip" else []
     add_adapters(model, rank=4, alpha=8.0, exclude=tuple(exclude))
     randomize_B(model)
     return merge_adapters(model), exclude
@@ -188,10 +187,9 @@ def test_offsetless_layers_refused_unless_requantized(mixed_gguf, tmp_path):
 @pytest.mark.filterwarnings("ignore:rank")
 def test_mixed_adapter_json_has_per_layer_quantization(mixed_gguf, tmp_path):
     import json
-    model, _ = Transformer.from_pretrained(mixed_gguf, keep_quantized=True), None
-    import export
-    exclude = tuple(n for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)
-                    and export.offset_type(m) is None)
+    model = Transformer.from_pretrained(mixed_gguf, keep_quantized=True)
+    from export import offsetless_layers
+    exclude = tuple(offsetless_layers(model))
     add_adapters(model, rank=2, alpha=4.0, exclude=exclude)
     randomize_B(model)
     save_adapters(model, tmp_path / "ad")

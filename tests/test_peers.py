@@ -71,9 +71,8 @@ def test_llama_cpp_reads_our_merged_export(which, request, tmp_path):
     pytest.importorskip("llama_cpp")
     path = Path(request.getfixturevalue("q4km" if which == "q4km" else "smollm_gguf"))
     model = Transformer.from_pretrained(path, keep_quantized=True)
-    import export
-    exclude = tuple(n for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)
-                    and export.offset_type(m) is None)
+    from export import offsetless_layers
+    exclude = tuple(offsetless_layers(model))
     add_adapters(model, rank=8, alpha=16.0, exclude=exclude, pool_scale="mean")  # B below: a moderate update
     randomize_B(model, std=0.02)
     merge_adapters(model)
