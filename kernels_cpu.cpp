@@ -5,17 +5,19 @@
 // Codes are the layout of kernels.pack: each row an LSB-first bit stream, code j at bits [j*b, (j+1)*b).
 // So 8 consecutive codes starting at a multiple of 8 are exactly b whole bytes; they are decoded to 8 floats
 // (AVX2: one 64-bit load, two variable shifts; 4 and 8 bits have their own shorter sequences) and
-// multiplied into per-group accumulators, fp32 throughout. With AVX-512, 4- and 8-bit rows in groups of
-// multiples of 32 take a 16-wide path that applies each group's scale once. Groups whose width is not a multiple of 8, and
+// multiplied into per-group accumulators, fp32 throughout. 2-, 4- and 8-bit rows whose width is a multiple
+// of 256 bits take the lane row instead (row_lanes: codes decoded in 32-bit lanes by shifts and masks, each
+// block's scales applied once). Groups whose width is not a multiple of 8, and
 // the last few columns of a row, take the scalar path. Threads split the output rows (at::parallel_for:
-// PyTorch's own thread pool and thread count). The layer is read once per call whatever M is (M <= 8),
-// which is what makes it memory-bound rather than compute-bound at M = 1.
+// PyTorch's own thread pool and thread count). The layer is read once per call whatever M is (M <= 8).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -23,9 +25,6 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define QALORA_AVX2 1
-#endif
-#if defined(QALORA_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
-#define QALORA_AVX512 1
 #endif
 
 namespace {
@@ -85,121 +84,95 @@ inline float hsum(__m256 v) {
 // contiguous, so near a row's end this reaches into the next row. Without it this VM's hardware prefetch
 // leaves the kernel at a quarter of the streaming bandwidth once the weights are out of cache. Called every
 // 8 groups; it covers the codes those groups consume (2 lines: 8 groups of 32 at 4 bits, fewer columns
-// at more bits, which the hardware prefetcher then follows).
+// at more bits, which the hardware prefetcher then follows). pf_groups = PF_COLS / G, computed once per row.
 constexpr int64_t PF_COLS = 4096;
-inline void prefetch_ahead(const uint8_t* q, int64_t col, int bits, const float* s, const float* b, int64_t G) {
+inline void prefetch_ahead(const uint8_t* q, int64_t col, int bits, const float* s, const float* b, int64_t pf_groups) {
   const char* p = (const char*)(q + (col + PF_COLS) * bits / 8);
   _mm_prefetch(p, _MM_HINT_T0);
   _mm_prefetch(p + 64, _MM_HINT_T0);
-  _mm_prefetch((const char*)(s + PF_COLS / G), _MM_HINT_T0);
-  _mm_prefetch((const char*)(b + PF_COLS / G), _MM_HINT_T0);
+  _mm_prefetch((const char*)(s + pf_groups), _MM_HINT_T0);
+  _mm_prefetch((const char*)(b + pf_groups), _MM_HINT_T0);
 }
 #endif
 
-#ifdef QALORA_AVX512
-// 32 codes from column j (a multiple of 32) of a 4- or 8-bit row, as two vectors of 16 floats.
-inline void decode32_512(const uint8_t* q, int64_t j, int bits, __m512& a, __m512& b) {
-  if (bits == 4) {
-    const __m128i raw = _mm_loadu_si128((const __m128i*)(q + j / 2));
-    const __m128i m = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(raw, m), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);
-    a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
-    b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)));
-  } else {
-    a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + j))));
-    b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + j + 16))));
-  }
+#ifdef QALORA_AVX2
+// The lane row, for 2-, 4- and 8-bit codes (P = 32 / bits codes per 32-bit word). One 32-byte load holds
+// B = 8P columns as 8 words; word d holds columns P*d .. P*d + P-1 of the block. Masking all 8 words with
+// the bits of code t, (2^bits - 1) << bits*t, leaves q * 2^(bits*t) in every lane: converted to float that is
+// exact, and x is read pre-multiplied by 2^-(bits*t), so each product is exactly x * q, rounded as usual
+// (the top code, t = P-1, is a shift instead: the mask would take the sign bit). So 8 codes cost one AND,
+// one int-to-float conversion and one FMA, with no byte shuffles (which limited the byte-unpacking decode).
+// x is read in that order and scaling, made once per call (lane_order). Each lane's P columns lie in one
+// group, so the block's sum of x * q stays in lanes and one FMA per block applies the scales: one broadcast
+// scale when the block is inside one group (G a multiple of B), or the block's B/G scales spread over the
+// lanes they cover (B a multiple of G). The bias term sum_g biases[g] * xsum[g] is a dot product over groups.
+inline bool lanes_ok(int64_t bits, int64_t K, int64_t G) {
+  if (bits != 2 && bits != 4 && bits != 8) return false;
+  const int64_t P = 32 / bits, B = 8 * P;
+  return K % B == 0 && (G % B == 0 || (B % G == 0 && G % P == 0));
 }
 
-// A row's result for each row m of x: its two totals of scale-weighted group dot products, plus the bias term
-// sum_g biases[g] * xsum[m, g] as a dot product over the groups.
-template <int M>
-inline void finish512(const __m512 (&tot)[M][2], const float* biases, const float* xsum, int64_t ng, float* out) {
-  for (int m = 0; m < M; m++) {
-    __m512 bt = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 16 <= ng; g += 16)
-      bt = _mm512_fmadd_ps(_mm512_loadu_ps(biases + g), _mm512_loadu_ps(xsum + m * ng + g), bt);
-    float rest = 0.f;
-    for (; g < ng; g++) rest += biases[g] * xsum[m * ng + g];
-    out[m] = rest + _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(tot[m][0], tot[m][1]), bt));
-  }
-}
-
-// The AVX-512 row for 4- and 8-bit codes whose groups are all multiples of 32 wide: sum_i x_i q_i per group
-// in two vector accumulators, then one FMA by the group's scale into the row's total (no per-weight
-// multiply by the scale, no horizontal sum per group).
-template <int M>
-void row512(const float* x, int64_t K, const float* xsum, const uint8_t* q, const float* scales,
-            const float* biases, int64_t ng, int64_t G, int bits, float* out) {
-  // Two totals per row of x (even and odd groups: two independent FMA chains across groups); the bias
-  // term sum_g biases[g] * xsum[g] is a separate dot product over the groups.
-  __m512 tot[M][2];
-  for (int m = 0; m < M; m++) tot[m][0] = tot[m][1] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ng; g++) {
-    const int64_t start = g * G, end = start + G < K ? start + G : K;
-    if ((g & 7) == 0) prefetch_ahead(q, start, bits, scales + g, biases + g, G);
-    __m512 v0[M], v1[M];
-    {
-      __m512 a, b;
-      decode32_512(q, start, bits, a, b);
-      for (int m = 0; m < M; m++) {
-        v0[m] = _mm512_mul_ps(a, _mm512_loadu_ps(x + m * K + start));
-        v1[m] = _mm512_mul_ps(b, _mm512_loadu_ps(x + m * K + start + 16));
+// x [M, K] -> out [M, K] in lane order: per block of B = 8P columns, out[8t + d] = x[P*d + t] * 2^-(bits*t)
+// (t < P-1; the top code's x is not scaled). A power of two: exact unless |x| < 2^-100 (subnormal).
+inline void lane_order(const float* x, int64_t M, int64_t K, int64_t bits, float* out) {
+  const int64_t P = 32 / bits, B = 8 * P;
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t j = 0; j < K; j += B)
+      for (int64_t t = 0; t < P; t++) {
+        const float f = t < P - 1 ? std::ldexp(1.0f, -int(bits * t)) : 1.0f;
+        for (int64_t d = 0; d < 8; d++) out[m * K + j + 8 * t + d] = x[m * K + j + P * d + t] * f;
       }
-    }
-    for (int64_t j = start + 32; j < end; j += 32) {
-      __m512 a, b;
-      decode32_512(q, j, bits, a, b);
-      for (int m = 0; m < M; m++) {
-        v0[m] = _mm512_fmadd_ps(a, _mm512_loadu_ps(x + m * K + j), v0[m]);
-        v1[m] = _mm512_fmadd_ps(b, _mm512_loadu_ps(x + m * K + j + 16), v1[m]);
-      }
-    }
-    const __m512 vs = _mm512_set1_ps(scales[g]);
-    for (int m = 0; m < M; m++) tot[m][g & 1] = _mm512_fmadd_ps(vs, _mm512_add_ps(v0[m], v1[m]), tot[m][g & 1]);
-  }
-  finish512<M>(tot, biases, xsum, ng, out);
 }
 
-// 4 bits, K % 64 == 0, G % 32 == 0: 64 codes are 32 bytes; their low nibbles are the even columns and the
-// high nibbles the odd ones, so with x permuted once per call into that order (xp: per 64 columns, the even
-// ones then the odd ones) no interleaving shuffle is needed: one AND and one shift give 2 x 32 codes.
-template <int M>
-void row512_q4(const float* xp, int64_t K, const float* xsum, const uint8_t* q, const float* scales,
-               const float* biases, int64_t ng, int64_t G, float* out) {
-  __m512 tot[M][2], vg[M];
-  for (int m = 0; m < M; m++) tot[m][0] = tot[m][1] = vg[m] = _mm512_setzero_ps();
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  for (int64_t j = 0; j < K; j += 64) {
-    const int64_t g = j / G;
-    if ((j & 255) == 0) prefetch_ahead(q, j, 4, scales + g, biases + g, G);
-    const __m256i raw = _mm256_loadu_si256((const __m256i*)(q + j / 2));
-    const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-    // even columns j, j+2, .., j+30 | j+32, .., j+62 and odd columns likewise
-    const __m512 e0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)));
-    const __m512 e1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1)));
-    const __m512 o0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi)));
-    const __m512 o1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1)));
+// Rows [o0, o1) of the output for M rows of x; the per-call setup is made once for all of them.
+template <int BITS, int M>
+void rows_lanes(const float* xl, int64_t K, const float* xsum, const uint8_t* q, int64_t row_bytes,
+                const float* scales, const float* biases, int64_t ng, int64_t G, int64_t o0, int64_t o1,
+                float* y, int64_t N) {
+  constexpr int P = 32 / BITS, B = 8 * P;
+  const bool one_group = G % B == 0;
+  // B a multiple of G: lane d is in the block's group d*P/G; the first B/G lanes load the block's scales
+  alignas(32) int32_t idx[8], take[8];
+  for (int d = 0; d < 8; d++) idx[d] = one_group ? 0 : d * P / G, take[d] = one_group || d < B / G ? -1 : 0;
+  const __m256i vidx = _mm256_load_si256((const __m256i*)idx), vtake = _mm256_load_si256((const __m256i*)take);
+  // the block's first group g, advanced without a division: by B/G a block, or by 1 every G/B blocks
+  const int64_t pf_groups = PF_COLS / G, per_group = one_group ? G / B : 1, step = one_group ? 1 : B / G;
+  for (int64_t o = o0; o < o1; o++) {
+    const uint8_t* qo = q + o * row_bytes;
+    const float *so = scales + o * ng, *bo = biases + o * ng;
+    __m256 tot[M][2];  // two totals per row of x (even and odd blocks: two FMA chains)
+    for (int m = 0; m < M; m++) tot[m][0] = tot[m][1] = _mm256_setzero_ps();
+    for (int64_t j = 0, n = 0, g = 0, k = 0; j < K; j += B, n++) {
+      if ((j & 255) == 0) prefetch_ahead(qo, j, BITS, so + g, bo + g, pf_groups);
+      const __m256i raw = _mm256_loadu_si256((const __m256i*)(qo + j / 8 * BITS));
+      __m256 acc[M][2];
+      for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+      for (int t = 0; t < P; t++) {  // code t of each lane, times 2^(bits*t)
+        const __m256i ct = t < P - 1 ? _mm256_and_si256(raw, _mm256_set1_epi32(((1 << BITS) - 1) << (BITS * t)))
+                                     : _mm256_srli_epi32(raw, BITS * t);
+        const __m256 c = _mm256_cvtepi32_ps(ct);
+        for (int m = 0; m < M; m++)
+          acc[m][t & 1] = _mm256_fmadd_ps(c, _mm256_loadu_ps(xl + m * K + j + 8 * t), acc[m][t & 1]);
+      }
+      const __m256 sv = one_group ? _mm256_set1_ps(so[g])
+                                  : _mm256_permutevar8x32_ps(_mm256_maskload_ps(so + g, vtake), vidx);
+      for (int m = 0; m < M; m++)
+        tot[m][n & 1] = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[m][0], acc[m][1]), tot[m][n & 1]);
+      if (++k == per_group) k = 0, g += step;
+    }
     for (int m = 0; m < M; m++) {
-      const float* x = xp + m * K + j;  // [even 0..30 | even 32..62 | odd 1..31 | odd 33..63]
-      const __m512 a = _mm512_fmadd_ps(o0, _mm512_loadu_ps(x + 32), _mm512_mul_ps(e0, _mm512_loadu_ps(x)));
-      const __m512 b = _mm512_fmadd_ps(o1, _mm512_loadu_ps(x + 48), _mm512_mul_ps(e1, _mm512_loadu_ps(x + 16)));
-      if (G == 32) {  // columns j..j+31 are group g, j+32..j+63 group g+1
-        tot[m][0] = _mm512_fmadd_ps(_mm512_set1_ps(scales[g]), a, tot[m][0]);
-        tot[m][1] = _mm512_fmadd_ps(_mm512_set1_ps(scales[g + 1]), b, tot[m][1]);
-      } else {        // G a multiple of 64: both halves are group g
-        vg[m] = _mm512_add_ps(vg[m], _mm512_add_ps(a, b));
-        if ((j + 64) % G == 0 || j + 64 == K) {
-          tot[m][0] = _mm512_fmadd_ps(_mm512_set1_ps(scales[g]), vg[m], tot[m][0]);
-          vg[m] = _mm512_setzero_ps();
-        }
-      }
+      __m256 bt = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= ng; g += 8)
+        bt = _mm256_fmadd_ps(_mm256_loadu_ps(bo + g), _mm256_loadu_ps(xsum + m * ng + g), bt);
+      float rest = 0.f;
+      for (; g < ng; g++) rest += bo[g] * xsum[m * ng + g];
+      y[m * N + o] = rest + hsum(_mm256_add_ps(_mm256_add_ps(tot[m][0], tot[m][1]), bt));
     }
   }
-  finish512<M>(tot, biases, xsum, ng, out);
 }
 #endif
+
 
 // One output row for M rows of x (M a compile-time constant, so the accumulators stay in registers). The
 // decoded codes are multiplied by their group's scale once and then into A independent accumulators per row
@@ -209,6 +182,7 @@ void row(const float* x, int64_t K, const float* xsum, const uint8_t* q, int64_t
          const float* biases, int64_t ng, int64_t G, int bits, float* out) {
   float acc[M] = {0};  // the scalar parts and the bias term
 #ifdef QALORA_AVX2
+  const int64_t pf_groups = PF_COLS / G;
   constexpr int A = M == 1 ? 4 : M == 2 ? 2 : 1;
   __m256 vacc[M][A];
   for (int m = 0; m < M; m++)
@@ -219,7 +193,7 @@ void row(const float* x, int64_t K, const float* xsum, const uint8_t* q, int64_t
     const float s = scales[g];
     int64_t j = start;
 #ifdef QALORA_AVX2
-    if ((g & 7) == 0) prefetch_ahead(q, start, bits, scales + g, biases + g, G);
+    if ((g & 7) == 0) prefetch_ahead(q, start, bits, scales + g, biases + g, pf_groups);
     if (start % 8 == 0) {
       const __m256 vs = _mm256_set1_ps(s);
       if (bits == 4) {
@@ -275,42 +249,35 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
   std::vector<float> xsum(M * ng, 0.f);  // the input's per-group sums, for the bias term
   const float* xp = x.data_ptr<float>();
   for (int64_t m = 0; m < M; m++)
-    for (int64_t i = 0; i < K; i++) xsum[m * ng + i / G] += xp[m * K + i];
+    for (int64_t g = 0; g < ng; g++)
+      for (int64_t i = g * G; i < std::min(K, g * G + G); i++) xsum[m * ng + g] += xp[m * K + i];
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
   const float *sp = scales.data_ptr<float>(), *bp = biases.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = qweight.size(1);
-#ifdef QALORA_AVX512
-  const bool q4 = bits == 4 && (G == 32 || G % 64 == 0) && K % 64 == 0;
-  const bool wide = !q4 && (bits == 4 || bits == 8) && G % 32 == 0 && K % 32 == 0;
-  std::vector<float> xperm(q4 ? M * K : 0);  // x in row512_q4's column order
-  if (q4)
-    for (int64_t m = 0; m < M; m++)
-      for (int64_t j = 0; j < K; j += 64)
-        for (int64_t t = 0; t < 32; t++) {
-          xperm[m * K + j + t] = xp[m * K + j + 2 * t];
-          xperm[m * K + j + 32 + t] = xp[m * K + j + 2 * t + 1];
-        }
+#ifdef QALORA_AVX2
+  const bool lanes = lanes_ok(bits, K, G);
 #else
-  const bool q4 = false, wide = false;
+  const bool lanes = false;
+#endif
+  std::vector<float> xlanes(lanes ? M * K : 0);  // x in the lane row's column order
+#ifdef QALORA_AVX2
+  if (lanes) lane_order(xp, M, K, bits, xlanes.data());
 #endif
   const auto rows = [&](auto m_const) {
     constexpr int Mc = decltype(m_const)::value;
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+#ifdef QALORA_AVX2
+      if (lanes) {
+        const float* xl = xlanes.data();
+        if (bits == 2) rows_lanes<2, Mc>(xl, K, xsum.data(), qp, row_bytes, sp, bp, ng, G, begin, end, yp, N);
+        else if (bits == 4) rows_lanes<4, Mc>(xl, K, xsum.data(), qp, row_bytes, sp, bp, ng, G, begin, end, yp, N);
+        else rows_lanes<8, Mc>(xl, K, xsum.data(), qp, row_bytes, sp, bp, ng, G, begin, end, yp, N);
+        return;
+      }
+#endif
       float out[Mc];
       for (int64_t o = begin; o < end; o++) {
-#ifdef QALORA_AVX512
-        if (q4) {
-          row512_q4<Mc>(xperm.data(), K, xsum.data(), qp + o * row_bytes, sp + o * ng, bp + o * ng, ng, G, out);
-          for (int m = 0; m < Mc; m++) yp[m * N + o] = out[m];
-          continue;
-        }
-        if (wide) {
-          row512<Mc>(xp, K, xsum.data(), qp + o * row_bytes, sp + o * ng, bp + o * ng, ng, G, (int)bits, out);
-          for (int m = 0; m < Mc; m++) yp[m * N + o] = out[m];
-          continue;
-        }
-#endif
         row<Mc>(xp, K, xsum.data(), qp + o * row_bytes, row_bytes, sp + o * ng, bp + o * ng, ng, G, (int)bits, out);
         for (int m = 0; m < Mc; m++) yp[m * N + o] = out[m];
       }
