@@ -17,6 +17,7 @@ import time
 import torch
 
 import kernels
+import quant
 from cli import ArgumentParser, UserError, embedded_model_path, run_cli
 from model import Transformer
 from qalora import load_adapters
@@ -24,39 +25,64 @@ from tokenizer import load_tokenizer
 
 
 # -----------------------------------------------------------------------------
-# compiled decode steps
+# decode steps
 #
 # Run eagerly, a one-token step of SmolLM2 is ~1,400 small PyTorch calls (30 blocks x 7 linears, norms,
 # RoPE, attention): the Python and dispatch overhead of each costs more than the arithmetic. With
-# compile=True each block of a decode step is one torch.compile graph, shared by all blocks (they have the
-# same shapes), so it compiles once. Shapes are static except the position (dynamic from the start) and
-# the KV cache size, which becomes dynamic when a later session allocates another size (one recompile).
-# Inside the graph the quantized linears call the C++ gemv (kernels.py) as an opaque operator, attention
-# is model.one_query_attention rather than an SDPA call, and the head of a one-row step is a compiled
-# multiply-and-sum (lm_head below). The prompt (prefill) runs eagerly. In fp32 the greedy tokens equal the
-# eager ones; in bf16 they differ by rounding (tests/test_generate.py).
+# compile=True a one-token step of a block whose seven linears are plain quantized ones (no adapter, no
+# bias) is one C++ call, kernels.block_step: the norms, RoPE, the KV cache, attention and the seven gemvs
+# (the same gemv as QuantLinear's forward). Any other block (an unmerged adapter, float linears, a batch
+# with padding) runs as one torch.compile graph, shared by all blocks (they have the same shapes), so it
+# compiles once; its shapes are static except the position (dynamic from the start) and the KV cache
+# size, which becomes dynamic when a later session allocates another size (one recompile). Inside the graph
+# the quantized linears call the C++ gemv as an opaque operator and attention is model.one_query_attention.
+# The head of a one-row step is the gemv over a GGUF's Q8_0 codes, else a compiled multiply-and-sum
+# (lm_head below). The prompt (prefill) runs eagerly. In fp32 the greedy tokens equal the eager ones; in
+# bf16 they differ by rounding (tests/test_generate.py).
 
 _compiled = {}
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # kernels.block_step's order
+
+
+def native_linears(layer, dtype):
+    """The block's seven linears when kernels.block_step can run its one-token step (plain quantized linears
+    on the gemv, without bias, adapter or an explicit impl; fp32 or bf16 activations), else None."""
+    mods = [layer.get_submodule(n) for n in LINEARS]
+    ok = (dtype in (torch.float32, torch.bfloat16) and kernels.gemv_available()
+          and all(type(m) is quant.QuantLinear and m.bias is None and m.impl in ("auto", "gemv")
+                  and m.scales.dtype == m.biases.dtype == torch.float32 for m in mods)
+          and all(t.dtype == dtype for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)))
+    return mods if ok else None
 
 
 def compiled_block_fn():
-    """block_fn for model.hidden_states: one compiled graph shared by every block (None when compiling
-    is switched off with QALORA_COMPILE=0)."""
+    """block_fn for model.hidden_states' one-token steps in one decode session: kernels.block_step where a
+    block allows it, else one compiled graph shared by every block and session (None when compiling is
+    switched off with QALORA_COMPILE=0). Which blocks allow it is decided once per session."""
     if not kernels.COMPILE:
         return None
     if "block" not in _compiled:
         def block_step(layer, h, cos, sin, positions, mask):
             return layer(h, cos, sin, positions.shape[0], mask)
-        compiled = kernels.compile_fn(block_step, dynamic=None)  # None: dims become dynamic when they change
+        _compiled["block"] = kernels.compile_fn(block_step, dynamic=None)  # None: dims turn dynamic on change
+    compiled, native = _compiled["block"], {}  # native: layer -> its linears or None, for this session
 
-        def run(layer, h, cos, sin, start_pos, mask):
-            # the position travels as the length of an empty tensor marked dynamic: dynamo compiles a Python
-            # int as a constant first and recompiles when it changes
-            positions = torch.empty(start_pos, 0)
-            torch._dynamo.maybe_mark_dynamic(positions, 0)
-            return compiled(layer, h, cos, sin, positions, mask)
-        _compiled["block"] = run
-    return _compiled["block"]
+    def run(layer, h, cos, sin, start_pos, mask):
+        if layer not in native:
+            native[layer] = native_linears(layer, h.dtype)
+        lins = native[layer]
+        if lins is not None and mask is None and h.shape[:2] == (1, 1) and h.device.type == "cpu":
+            a = layer.self_attn
+            return kernels.block_step(h.contiguous(), layer.input_layernorm.weight,
+                                      layer.post_attention_layernorm.weight, layer.input_layernorm.eps, lins,
+                                      cos.contiguous(), sin.contiguous(), a.cache_k, a.cache_v, start_pos, a.n_heads)
+        # the position travels as the length of an empty tensor marked dynamic: dynamo compiles a Python
+        # int as a constant first and recompiles when it changes
+        positions = torch.empty(start_pos, 0)
+        torch._dynamo.maybe_mark_dynamic(positions, 0)
+        return compiled(layer, h, cos, sin, positions, mask)
+    return run
 
 
 def _one_row_matmul(h, w):

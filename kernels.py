@@ -258,6 +258,16 @@ def _load_cpu_kernels():
     return True
 
 
+def block_step(h, norm1, norm2, eps, linears, cos, sin, cache_k, cache_v, pos, n_heads):
+    """One decode step of a LLaMA block for one token, as one C++ call (kernels_cpu.cpp's block_step):
+    h [1, 1, dim] -> [1, 1, dim]; `linears` are the seven quantized linears (q, k, v, o, gate, up, down,
+    anything with QuantLinear's attributes and no bias); k and v are written to the caches at `pos`."""
+    return torch.ops.qalora.block_step(h, norm1, norm2, eps, [l.qweight for l in linears],
+                                       [l.scales for l in linears], [l.biases for l in linears],
+                                       [l.bits for l in linears], [l.group_size for l in linears],
+                                       cos, sin, cache_k, cache_v, pos, n_heads)
+
+
 def gemv_codes(x2, qweight, scales, biases, bits, group_size):
     """x2 [M <= GEMV_MAX_M, in] @ the packed codes' weights^T -> [M, out] in float32, one pass over them."""
     return torch.ops.qalora.gemv(x2.float().contiguous(), qweight, scales.float().contiguous(),

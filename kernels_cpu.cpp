@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -233,27 +235,29 @@ void row(const float* x, int64_t K, const float* xsum, const uint8_t* q, int64_t
   }
 }
 
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                const at::Tensor& biases, int64_t bits, int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "gemv: x must be f32 [M, K]");
-  TORCH_CHECK(x.size(0) <= MAX_M, "gemv: at most ", MAX_M, " rows, got ", x.size(0));
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "gemv: qweight must be uint8");
+// Checks one quantized linear's tensors against an input width K.
+void check_linear(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& biases, int64_t K,
+                  int64_t bits, int64_t G) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous(),
+              "gemv: qweight must be uint8 [N, packed]");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && biases.scalar_type() == at::kFloat && scales.is_contiguous() &&
               biases.is_contiguous(), "gemv: scales and biases must be contiguous f32");
-  TORCH_CHECK(bits >= 1 && bits <= 8, "gemv: bits must be 1..8");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), ng = scales.size(1);
-  const int64_t G = group_size;
-  TORCH_CHECK(qweight.size(1) == (K * bits + 7) / 8 && scales.size(0) == N && biases.sizes() == scales.sizes() &&
-              ng == (K + G - 1) / G, "gemv: shapes do not match");
-  at::Tensor y = at::empty({M, N}, x.options());
+  TORCH_CHECK(bits >= 1 && bits <= 8 && G >= 1, "gemv: bits must be 1..8 and the group size positive");
+  const int64_t N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == (K * bits + 7) / 8 && scales.dim() == 2 && scales.size(0) == N &&
+              biases.sizes() == scales.sizes() && scales.size(1) == (K + G - 1) / G, "gemv: shapes do not match");
+}
+
+// y [M, N] = x [M, K] @ w~^T for the checked linear (qweight, scales, biases): the whole gemv on pointers.
+void gemv_into(const float* xp, int64_t M, int64_t K, const at::Tensor& qweight, const at::Tensor& scales,
+               const at::Tensor& biases, int64_t bits, int64_t G, float* yp) {
+  const int64_t N = qweight.size(0), ng = scales.size(1);
   std::vector<float> xsum(M * ng, 0.f);  // the input's per-group sums, for the bias term
-  const float* xp = x.data_ptr<float>();
   for (int64_t m = 0; m < M; m++)
     for (int64_t g = 0; g < ng; g++)
       for (int64_t i = g * G; i < std::min(K, g * G + G); i++) xsum[m * ng + g] += xp[m * K + i];
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
   const float *sp = scales.data_ptr<float>(), *bp = biases.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   const int64_t row_bytes = qweight.size(1);
 #ifdef QALORA_AVX2
   const bool lanes = lanes_ok(bits, K, G);
@@ -293,13 +297,155 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
     case 7: rows(std::integral_constant<int, 7>()); break;
     case 8: rows(std::integral_constant<int, 8>()); break;
   }
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                const at::Tensor& biases, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "gemv: x must be f32 [M, K]");
+  TORCH_CHECK(x.size(0) <= MAX_M, "gemv: at most ", MAX_M, " rows, got ", x.size(0));
+  check_linear(qweight, scales, biases, x.size(1), bits, group_size);
+  at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
+  gemv_into(x.data_ptr<float>(), x.size(0), x.size(1), qweight, scales, biases, bits, group_size, y.data_ptr<float>());
   return y;
+}
+
+// -----------------------------------------------------------------------------
+// One decode step of a LLaMA block for one token (model.Block with a KV cache and no mask), as one call:
+//
+//   a = rmsnorm(h) * w1;  q, k, v = a @ Wq^T, a @ Wk^T, a @ Wv^T;  rope(q), rope(k)  (HF rotate_half)
+//   cache[pos] = k, v;  y = softmax(q k^T / sqrt(hd)) v  per head (grouped-query: head i reads kv head
+//   i / (H / KV));  h1 = h + y @ Wo^T;  b = rmsnorm(h1) * w2;  out = h1 + (silu(b Wg^T) * (b Wu^T)) @ Wd^T
+//
+// The seven linears are the gemv above. T is the activations' storage type (float or bfloat16): values are
+// rounded to T where model.py's ops store them (after each norm, linear, rope, attention, product and
+// residual sum), the arithmetic is fp32. generate.py calls this instead of a compiled graph per block: a
+// graph's Python wrapper and dynamo's guards cost more per token than the block's arithmetic besides the
+// linears.
+template <class T>
+inline float rnd(float v) { return float(T(v)); }  // v stored as T and read back
+
+template <class T>
+void rmsnorm(const float* x, const T* w, int64_t n, double eps, float* out) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; i++) ss += double(x[i]) * x[i];
+  const float r = 1.0f / std::sqrt(float(ss / n) + float(eps));
+  for (int64_t i = 0; i < n; i++) out[i] = rnd<T>(float(w[i]) * rnd<T>(x[i] * r));
+}
+
+template <class T>
+void rope(float* x, int64_t heads, int64_t hd, const T* cos, const T* sin) {
+  const int64_t half = hd / 2;
+  for (int64_t hh = 0; hh < heads; hh++) {
+    float* v = x + hh * hd;
+    for (int64_t i = 0; i < half; i++) {
+      const float x1 = v[i], x2 = v[i + half];
+      v[i] = rnd<T>(rnd<T>(x1 * float(cos[i])) + rnd<T>(-x2 * float(sin[i])));
+      v[i + half] = rnd<T>(rnd<T>(x2 * float(cos[i + half])) + rnd<T>(x1 * float(sin[i + half])));
+    }
+  }
+}
+
+template <class T>
+void block_step_impl(const at::Tensor& h, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
+                     at::TensorList qw, at::TensorList sc, at::TensorList bi, at::IntArrayRef bits,
+                     at::IntArrayRef groups, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache_k,
+                     const at::Tensor& cache_v, int64_t pos, int64_t H, at::Tensor& out) {
+  const int64_t dim = h.numel(), KV = cache_k.size(1), S = cache_k.size(2), hd = cache_k.size(3);
+  const int64_t hidden = qw[4].size(0);
+  auto lin = [&](int i, const float* x, int64_t K, float* y) {
+    gemv_into(x, 1, K, qw[i], sc[i], bi[i], bits[i], groups[i], y);
+    for (int64_t o = 0; o < qw[i].size(0); o++) y[o] = rnd<T>(y[o]);
+  };
+  std::vector<float> x(dim), a(dim), q(H * hd), k(KV * hd), v(KV * hd), y(H * hd), o(dim), g(hidden), u(hidden);
+  const T* hp = h.data_ptr<T>();
+  for (int64_t i = 0; i < dim; i++) x[i] = float(hp[i]);
+  rmsnorm<T>(x.data(), norm1.data_ptr<T>(), dim, eps, a.data());
+  lin(0, a.data(), dim, q.data());
+  lin(1, a.data(), dim, k.data());
+  lin(2, a.data(), dim, v.data());
+  rope<T>(q.data(), H, hd, cos.data_ptr<T>(), sin.data_ptr<T>());
+  rope<T>(k.data(), KV, hd, cos.data_ptr<T>(), sin.data_ptr<T>());
+  T *ck = cache_k.data_ptr<T>(), *cv = cache_v.data_ptr<T>();  // [1, KV, S, hd], row 0
+  for (int64_t j = 0; j < KV; j++)
+    for (int64_t i = 0; i < hd; i++) ck[(j * S + pos) * hd + i] = T(k[j * hd + i]), cv[(j * S + pos) * hd + i] = T(v[j * hd + i]);
+  const float scale = 1.0f / std::sqrt(float(hd));
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(pos + 1);
+    for (int64_t hh = h0; hh < h1; hh++) {
+      const int64_t j = hh / (H / KV);
+      const float* qh = q.data() + hh * hd;
+      float mx = -INFINITY;
+      for (int64_t s = 0; s <= pos; s++) {
+        const T* kr = ck + (j * S + s) * hd;
+        float d = 0.f;
+        for (int64_t i = 0; i < hd; i++) d += qh[i] * float(kr[i]);
+        p[s] = d * scale;
+        mx = std::max(mx, p[s]);
+      }
+      float tot = 0.f;
+      for (int64_t s = 0; s <= pos; s++) tot += (p[s] = std::exp(p[s] - mx));
+      float* yh = y.data() + hh * hd;
+      for (int64_t i = 0; i < hd; i++) yh[i] = 0.f;
+      for (int64_t s = 0; s <= pos; s++) {
+        const T* vr = cv + (j * S + s) * hd;
+        const float w = p[s] / tot;
+        for (int64_t i = 0; i < hd; i++) yh[i] += w * float(vr[i]);
+      }
+      for (int64_t i = 0; i < hd; i++) yh[i] = rnd<T>(yh[i]);
+    }
+  });
+  lin(3, y.data(), H * hd, o.data());
+  for (int64_t i = 0; i < dim; i++) x[i] = rnd<T>(x[i] + o[i]);  // h1
+  rmsnorm<T>(x.data(), norm2.data_ptr<T>(), dim, eps, a.data());
+  lin(4, a.data(), dim, g.data());
+  lin(5, a.data(), dim, u.data());
+  for (int64_t i = 0; i < hidden; i++) g[i] = rnd<T>(rnd<T>(g[i] / (1.0f + std::exp(-g[i]))) * u[i]);
+  lin(6, g.data(), hidden, o.data());
+  T* op = out.data_ptr<T>();
+  for (int64_t i = 0; i < dim; i++) op[i] = T(x[i] + o[i]);
+}
+
+at::Tensor block_step(const at::Tensor& h, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
+                      at::TensorList qweights, at::TensorList scales, at::TensorList biases, at::IntArrayRef bits,
+                      at::IntArrayRef groups, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache_k,
+                      const at::Tensor& cache_v, int64_t pos, int64_t n_heads) {
+  const auto T = h.scalar_type();
+  TORCH_CHECK(T == at::kFloat || T == at::kBFloat16, "block_step: activations must be float32 or bfloat16");
+  TORCH_CHECK(h.is_contiguous() && h.size(0) == 1, "block_step: one contiguous row of activations");
+  for (const at::Tensor* t : {&norm1, &norm2, &cos, &sin, &cache_k, &cache_v})
+    TORCH_CHECK(t->scalar_type() == T && t->is_contiguous(), "block_step: norms, rope and cache must be contiguous ",
+                h.scalar_type());
+  TORCH_CHECK(qweights.size() == 7 && scales.size() == 7 && biases.size() == 7 && bits.size() == 7 && groups.size() == 7,
+              "block_step: seven linears (q, k, v, o, gate, up, down)");
+  TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes() && cache_k.size(0) >= 1, "block_step: cache shapes");
+  const int64_t dim = h.numel(), KV = cache_k.size(1), hd = cache_k.size(3), H = n_heads;
+  TORCH_CHECK(H % KV == 0 && hd % 2 == 0 && cos.numel() == hd && sin.numel() == hd && norm1.numel() == dim &&
+              norm2.numel() == dim && pos >= 0 && pos < cache_k.size(2), "block_step: shapes do not match");
+  const int64_t hidden = qweights[4].size(0);
+  const int64_t in_f[7] = {dim, dim, dim, H * hd, dim, dim, hidden};
+  const int64_t out_f[7] = {H * hd, KV * hd, KV * hd, dim, hidden, hidden, dim};
+  for (int i = 0; i < 7; i++) {
+    check_linear(qweights[i], scales[i], biases[i], in_f[i], bits[i], groups[i]);
+    TORCH_CHECK(qweights[i].size(0) == out_f[i], "block_step: linear ", i, " has ", qweights[i].size(0), " rows, not ", out_f[i]);
+  }
+  at::Tensor out = at::empty_like(h);
+  if (T == at::kFloat)
+    block_step_impl<float>(h, norm1, norm2, eps, qweights, scales, biases, bits, groups, cos, sin, cache_k, cache_v, pos, H, out);
+  else
+    block_step_impl<c10::BFloat16>(h, norm1, norm2, eps, qweights, scales, biases, bits, groups, cos, sin, cache_k, cache_v, pos, H, out);
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(qalora, m) {
   m.def("gemv(Tensor x, Tensor qweight, Tensor scales, Tensor biases, int bits, int group_size) -> Tensor");
+  m.def("block_step(Tensor h, Tensor norm1, Tensor norm2, float eps, Tensor[] qweights, Tensor[] scales, "
+        "Tensor[] biases, int[] bits, int[] groups, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
+        "int pos, int n_heads) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(qalora, CPU, m) { m.impl("gemv", gemv); }
+TORCH_LIBRARY_IMPL(qalora, CPU, m) {
+  m.impl("gemv", gemv);
+  m.impl("block_step", block_step);
+}

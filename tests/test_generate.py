@@ -8,7 +8,7 @@ import torch
 
 import kernels
 import quant
-from generate import decode_session, generate, generate_batch, lm_head
+from generate import decode_session, generate, generate_batch, lm_head, native_linears
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -145,7 +145,7 @@ def test_compiled_decode_step_compiles_once_for_every_position(tiny_model_dir):
     import generate as gen
     torch._dynamo.reset()
     gen._compiled.clear()
-    model = load(tiny_model_dir, 4, 32)
+    model = load(tiny_model_dir)  # float linears: the compiled graph (plain quantized blocks run block_step)
     ids = load_tokenizer(tiny_model_dir).encode("Once upon a time")
     # (a cache one longer than used, as in generate(): a full cache's slice is contiguous, another graph)
     with torch.no_grad(), decode_session(model, 1, len(ids) + 5, compile=True) as block_fn:
@@ -157,3 +157,79 @@ def test_compiled_decode_step_compiles_once_for_every_position(tiny_model_dir):
             else:
                 with torch.compiler.set_stance("fail_on_recompile"):
                     model.hidden_states(tok, start_pos=len(ids) + i, block_fn=block_fn)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 16), (8, 64)])
+def test_block_step_equals_block_forward(tiny_model_dir, dtype, tol, bits, group_size):
+    """kernels.block_step (one C++ call per block and token) against model.Block's own forward (SDPA over
+    the cache), one token after a 5-token prefill, 4 heads on 2 kv heads: the output and the cache row."""
+    if not kernels.gemv_available():
+        pytest.skip("the C++ kernels are not built here")
+    model = load(tiny_model_dir, bits, group_size, dtype=dtype)
+    layer, a = model.layers[0], model.layers[0].self_attn
+    lins = native_linears(layer, dtype)
+    assert lins is not None
+    torch.manual_seed(0)
+    pos, dim = 5, model.args.dim
+    rope = lambda p: [t.to(dtype) for t in model.rope(p)]  # noqa: E731
+    with torch.no_grad():
+        model.setup_cache(1, 16)
+        layer(torch.randn(1, pos, dim).to(dtype), *rope(torch.arange(pos)), 0, None)  # prefill 0..4
+        before = a.cache_k.clone(), a.cache_v.clone()
+        x, (cos, sin) = torch.randn(1, 1, dim).to(dtype), rope(torch.tensor([pos]))
+        want = layer(x, cos, sin, pos, None).float()
+        want_cache = a.cache_k.clone(), a.cache_v.clone()
+        a.cache_k, a.cache_v = before[0].clone(), before[1].clone()
+        got = kernels.block_step(x, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                 layer.input_layernorm.eps, lins, cos, sin, a.cache_k, a.cache_v, pos, a.n_heads)
+        got_cache = a.cache_k, a.cache_v
+        model.clear_cache()
+    assert got.shape == x.shape and got.dtype == dtype
+    assert (got.float() - want).norm() / want.norm() < tol
+    for g, w, b in zip(got_cache, want_cache, before):
+        assert torch.equal(g[:, :, :pos], b[:, :, :pos])  # earlier positions untouched
+        assert (g[:, :, pos].float() - w[:, :, pos].float()).norm() / w[:, :, pos].float().norm() < tol
+
+
+def test_decode_session_takes_block_step_for_plain_quantized_blocks(tiny_model_dir, monkeypatch):
+    """A quantized model's one-token steps are block_step calls; blocks with an unmerged adapter (or float
+    linears) take the compiled graph; the tokens are the eager ones either way."""
+    if not kernels.gemv_available():
+        pytest.skip("the C++ kernels are not built here")
+    from qalora import add_adapters
+    from conftest import randomize_B
+    calls, real = [], kernels.block_step
+    monkeypatch.setattr(kernels, "block_step", lambda *args: calls.append(1) or real(*args))
+    model = load(tiny_model_dir, 4, 32)
+    ids = load_tokenizer(tiny_model_dir).encode("Once upon a time")
+    assert generate(model, ids, 6, compile=True) == generate(model, ids, 6)
+    assert calls and len(calls) % model.args.n_layers == 0
+    calls.clear()
+    add_adapters(model, rank=2, alpha=4)
+    randomize_B(model, std=0.3)
+    model.eval()
+    assert native_linears(model.layers[0], torch.float32) is None
+    assert generate(model, ids, 6, compile=True) == generate(model, ids, 6)
+    assert calls == []
+
+
+def test_block_step_rejects_wrong_inputs(tiny_model_dir):
+    if not kernels.gemv_available():
+        pytest.skip("the C++ kernels are not built here")
+    model = load(tiny_model_dir, 4, 32)
+    layer, a = model.layers[0], model.layers[0].self_attn
+    lins = native_linears(layer, torch.float32)
+    model.setup_cache(1, 8)
+    cos, sin = model.rope(torch.tensor([0]))
+    args = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, 1e-5)
+    x = torch.randn(1, 1, model.args.dim)
+    with pytest.raises(RuntimeError, match="seven linears"):
+        kernels.block_step(x, *args, lins[:6], cos, sin, a.cache_k, a.cache_v, 0, a.n_heads)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        kernels.block_step(x, *args, lins, cos, sin, a.cache_k, a.cache_v, 8, a.n_heads)  # past the cache
+    with pytest.raises(RuntimeError, match="rows, not"):
+        kernels.block_step(x, *args, lins[1:2] + lins[1:], cos, sin, a.cache_k, a.cache_v, 0, a.n_heads)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.block_step(x.double(), *args, lins, cos, sin, a.cache_k, a.cache_v, 0, a.n_heads)
+    model.clear_cache()
