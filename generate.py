@@ -218,6 +218,8 @@ def weight_bytes(model) -> int:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if id(t) in seen or name == "inv_freq" or (name.startswith("embed_tokens") and not model.args.tie_embeddings):
             continue
+        if name == "lm_head.weight" and model.head_codes is not None:  # decode reads the head's codes instead
+            continue
         seen.add(id(t))
         n += t.numel() * t.element_size()
     return n
