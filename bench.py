@@ -471,7 +471,7 @@ def bench_scale(args, out):
     train_tok_s = 128 / statistics.mean(times)
     model.eval()
     with torch.no_grad():
-        generate(model, [1, 2, 3], 2, compile=True)  # every block is plain quantized: kernels.block_step
+        generate(model, [1, 2, 3], 2, compile=True)  # every block is plain quantized: kernels.decode_step
         t_dec = _wall(lambda: generate(model, [1, 2, 3], 16, compile=True))
     rec = dict(name=name, peak_rss_gb=(train.peak_rss_mb() or 0) / 1e3, train_tok_s=train_tok_s,
                decode_tok_s=16 / t_dec, batch=[1, 128], train_steps=2, warmup_steps=1, decode_tokens=16,

@@ -29,59 +29,89 @@ from tokenizer import load_tokenizer
 #
 # Run eagerly, a one-token step of SmolLM2 is ~1,400 small PyTorch calls (30 blocks x 7 linears, norms,
 # RoPE, attention): the Python and dispatch overhead of each costs more than the arithmetic. With
-# compile=True a one-token step of a block whose seven linears are plain quantized ones (no adapter, no
-# bias) is one C++ call, kernels.block_step: the norms, RoPE, the KV cache, attention and the seven gemvs
-# (the same gemv as QuantLinear's forward). Any other block (an unmerged adapter, float linears, a batch
-# with padding) runs as one torch.compile graph, shared by all blocks (they have the same shapes), so it
-# compiles once; its shapes are static except the position (dynamic from the start) and the KV cache
-# size, which becomes dynamic when a later session allocates another size (one recompile). Inside the graph
-# the quantized linears call the C++ gemv as an opaque operator and attention is model.one_query_attention.
-# The head of a one-row step is the gemv over a GGUF's Q8_0 codes, else a compiled multiply-and-sum
-# (lm_head below). The prompt (prefill) runs eagerly. In fp32 the greedy tokens equal the eager ones; in
-# bf16 they differ by rounding (tests/test_generate.py).
+# compile=True the one-token step of a run of consecutive blocks whose seven linears are plain quantized ones
+# (no adapter, no bias) is one C++ call, kernels.decode_step: for every block the norms, RoPE, the KV cache,
+# attention and the seven gemvs (the same gemv as QuantLinear's forward), in one parallel region. Any other
+# block (an unmerged adapter, float linears, a batch with padding) runs as one torch.compile graph, shared by
+# all blocks (they have the same shapes), so it compiles once; its shapes are static except the position
+# (dynamic from the start) and the KV cache size, which becomes dynamic when a later session allocates
+# another size (one recompile). Inside the graph the quantized linears call the C++ gemv as an opaque
+# operator and attention is model.one_query_attention. The head of a one-row step is the gemv over a GGUF's
+# Q8_0 codes, else a compiled multiply-and-sum (lm_head below). The prompt (prefill) runs eagerly. In fp32
+# the greedy tokens equal the eager ones; in bf16 they differ by rounding (tests/test_generate.py).
 
 _compiled = {}
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # kernels.block_step's order
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # kernels.decode_step's order
 
 
 def native_linears(layer, dtype):
-    """The block's seven linears when kernels.block_step can run its one-token step (plain quantized linears
-    on the gemv, without bias, adapter or an explicit impl; fp32 or bf16 activations), else None."""
+    """The block's seven linears when kernels.decode_step can run its one-token step (plain quantized linears
+    on the gemv, without bias, adapter or an explicit impl; fp32 or bf16 activations; one eps for both
+    norms), else None."""
     mods = [layer.get_submodule(n) for n in LINEARS]
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
     ok = (dtype in (torch.float32, torch.bfloat16) and kernels.gemv_available()
           and all(type(m) is quant.QuantLinear and m.bias is None and m.impl in ("auto", "gemv")
                   and m.scales.dtype == m.biases.dtype == torch.float32 for m in mods)
-          and all(t.dtype == dtype for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)))
+          and all(n.weight.dtype == dtype for n in norms) and norms[0].eps == norms[1].eps)
     return mods if ok else None
 
 
-def compiled_block_fn():
-    """block_fn for model.hidden_states' one-token steps in one decode session: kernels.block_step where a
-    block allows it, else one compiled graph shared by every block and session (None when compiling is
-    switched off with QALORA_COMPILE=0). Which blocks allow it is decided once per session."""
+def decode_runs(layers, dtype):
+    """The blocks in order as runs: (layers, packed, n_heads, eps) for consecutive blocks that
+    kernels.decode_step runs as one call (same heads and eps), (layers, None, None, None) for one that runs
+    as the compiled graph. Reads each block's KV cache, so made once the session's cache exists."""
+    runs = []
+    for layer in layers:
+        lins, a = native_linears(layer, dtype), layer.self_attn
+        key = (a.n_heads, layer.input_layernorm.eps)
+        if lins is None:
+            runs.append(([layer], None, None, None))
+            continue
+        block = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, lins, a.cache_k, a.cache_v)
+        if runs and runs[-1][1] is not None and runs[-1][2:] == key:
+            runs[-1][0].append(layer)
+            runs[-1][1].append(block)
+        else:
+            runs.append(([layer], [block], *key))
+    return [(ls, None if blocks is None else kernels.pack_blocks(blocks), heads, eps)
+            for ls, blocks, heads, eps in runs]
+
+
+def compiled_blocks_fn():
+    """blocks_fn for model.hidden_states' one-token steps in one decode session: kernels.decode_step for each
+    run of blocks that allows it, else one compiled graph per block, shared by every block and session (None
+    when compiling is switched off with QALORA_COMPILE=0). The runs are found once per session."""
     if not kernels.COMPILE:
         return None
     if "block" not in _compiled:
         def block_step(layer, h, cos, sin, positions, mask):
             return layer(h, cos, sin, positions.shape[0], mask)
         _compiled["block"] = kernels.compile_fn(block_step, dynamic=None)  # None: dims turn dynamic on change
-    compiled, native = _compiled["block"], {}  # native: layer -> its linears or None, for this session
+    compiled, runs = _compiled["block"], {}  # runs: activation dtype -> decode_runs, for this session
 
-    def run(layer, h, cos, sin, start_pos, mask):
-        if layer not in native:
-            native[layer] = native_linears(layer, h.dtype)
-        lins = native[layer]
-        if lins is not None and mask is None and h.shape[:2] == (1, 1) and h.device.type == "cpu":
-            a = layer.self_attn
-            return kernels.block_step(h.contiguous(), layer.input_layernorm.weight,
-                                      layer.post_attention_layernorm.weight, layer.input_layernorm.eps, lins,
-                                      cos.contiguous(), sin.contiguous(), a.cache_k, a.cache_v, start_pos, a.n_heads)
+    def graph(layer, h, cos, sin, start_pos, mask):
         # the position travels as the length of an empty tensor marked dynamic: dynamo compiles a Python
         # int as a constant first and recompiles when it changes
         positions = torch.empty(start_pos, 0)
         torch._dynamo.maybe_mark_dynamic(positions, 0)
         return compiled(layer, h, cos, sin, positions, mask)
+
+    def run(layers, h, cos, sin, start_pos, mask):
+        if not (mask is None and h.shape[:2] == (1, 1) and h.device.type == "cpu"):
+            for layer in layers:
+                h = graph(layer, h, cos, sin, start_pos, mask)
+            return h
+        if h.dtype not in runs:
+            runs[h.dtype] = decode_runs(layers, h.dtype)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        for ls, packed, n_heads, eps in runs[h.dtype]:
+            if packed is not None:
+                h = kernels.decode_step(h.contiguous(), packed, cos, sin, start_pos, n_heads, eps)
+            else:
+                h = graph(ls[0], h, cos, sin, start_pos, mask)
+        return h
     return run
 
 
@@ -106,11 +136,11 @@ def lm_head(model, h, compiled=False):
 
 @contextlib.contextmanager
 def decode_session(model, batch, max_len, compile=False):
-    """A KV cache for `batch` rows of up to `max_len` positions, and the block_fn for the one-token steps
+    """A KV cache for `batch` rows of up to `max_len` positions, and the blocks_fn for the one-token steps
     (None unless compile=True: eager). The cache is freed on exit."""
     model.setup_cache(batch, max_len)
     try:
-        yield compiled_block_fn() if compile else None
+        yield compiled_blocks_fn() if compile else None
     finally:
         model.clear_cache()
 
@@ -166,22 +196,22 @@ def generate_batch(model, prompts, max_new_tokens, eos_id=None, temperature=0.0,
     padded = not bool(pad_mask.all())
     out, done = [[] for _ in range(B)], [False] * B
     session = decode_session(model, B, total, compile) if use_cache else contextlib.nullcontext()
-    with session as block_fn, contextlib.ExitStack() as stance:
+    with session as blocks_fn, contextlib.ExitStack() as stance:
         seq, pos = tokens, 0  # the tokens to run next, and the position of the first of them
         for step_no in range(total - L):
-            if step_no == 1 + WARM_STEPS and block_fn is not None:  # after the prefill and the warm-up steps
+            if step_no == 1 + WARM_STEPS and blocks_fn is not None:  # after the prefill and the warm-up steps
                 stance.enter_context(warmed_up())
             end = pos + seq.shape[1]
             mask = pad_mask[:, :end] if padded else None
             if use_cache:
                 try:
-                    h = model.hidden_states(seq, start_pos=pos, pad_mask=mask, block_fn=block_fn if pos else None)
+                    h = model.hidden_states(seq, start_pos=pos, pad_mask=mask, blocks_fn=blocks_fn if pos else None)
                 except RuntimeError as e:  # a graph was still missing: back to full guards, and the step again
                     if "skip_guard_eval_unsafe" not in str(e):  # (it rewrites the same cache entries)
                         raise
                     stance.close()
-                    h = model.hidden_states(seq, start_pos=pos, pad_mask=mask, block_fn=block_fn)
-                logits = lm_head(model, h[:, -1], block_fn is not None)  # [B, V]: the last position only
+                    h = model.hidden_states(seq, start_pos=pos, pad_mask=mask, blocks_fn=blocks_fn)
+                logits = lm_head(model, h[:, -1], blocks_fn is not None)  # [B, V]: the last position only
                 pos = end
             else:  # everything so far, from the start
                 logits = model(seq, pad_mask=mask)[:, -1]

@@ -258,14 +258,23 @@ def _load_cpu_kernels():
     return True
 
 
-def block_step(h, norm1, norm2, eps, linears, cos, sin, cache_k, cache_v, pos, n_heads):
-    """One decode step of a LLaMA block for one token, as one C++ call (kernels_cpu.cpp's block_step):
-    h [1, 1, dim] -> [1, 1, dim]; `linears` are the seven quantized linears (q, k, v, o, gate, up, down,
-    anything with QuantLinear's attributes and no bias); k and v are written to the caches at `pos`."""
-    return torch.ops.qalora.block_step(h, norm1, norm2, eps, [l.qweight for l in linears],
-                                       [l.scales for l in linears], [l.biases for l in linears],
-                                       [l.bits for l in linears], [l.group_size for l in linears],
-                                       cos, sin, cache_k, cache_v, pos, n_heads)
+def pack_blocks(blocks):
+    """The tensors of consecutive LLaMA blocks as decode_step takes them, gathered once per decode session.
+    `blocks`: (norm1, norm2, linears, cache_k, cache_v) per block, `linears` its seven quantized linears (q, k,
+    v, o, gate, up, down: anything with QuantLinear's attributes and no bias)."""
+    norms, caches, lins = [], [], []
+    for norm1, norm2, linears, cache_k, cache_v in blocks:
+        norms += [norm1, norm2]
+        caches += [cache_k, cache_v]
+        lins += list(linears)
+    return (norms, caches, [l.qweight for l in lins], [l.scales for l in lins], [l.biases for l in lins],
+            [l.bits for l in lins], [l.group_size for l in lins])
+
+
+def decode_step(h, packed, cos, sin, pos, n_heads, eps):
+    """One decode step of the packed blocks (pack_blocks) for one token, as one C++ call (kernels_cpu.cpp's
+    decode_step): h [1, 1, dim] -> [1, 1, dim]; each block's k and v are written to its caches at `pos`."""
+    return torch.ops.qalora.decode_step(h, *packed, cos, sin, eps, pos, n_heads)
 
 
 def gemv_codes(x2, qweight, scales, biases, bits, group_size):

@@ -133,33 +133,38 @@ void rows_lanes(const float* xl, int64_t K, const float* xsum, const uint8_t* q,
                 float* y, int64_t N) {
   constexpr int P = 32 / BITS, B = 8 * P;
   const bool one_group = G % B == 0;
-  // B a multiple of G: lane d is in the block's group d*P/G; the first B/G lanes load the block's scales
-  alignas(32) int32_t idx[8], take[8];
-  for (int d = 0; d < 8; d++) idx[d] = one_group ? 0 : d * P / G, take[d] = one_group || d < B / G ? -1 : 0;
-  const __m256i vidx = _mm256_load_si256((const __m256i*)idx), vtake = _mm256_load_si256((const __m256i*)take);
+  const int64_t nsc = one_group ? 1 : B / G;  // the scales one block reads: 1, 2, 4 or 8
+  alignas(32) int32_t idx[8];  // B a multiple of G: lane d is in the block's group d*P/G
+  for (int d = 0; d < 8; d++) idx[d] = one_group ? 0 : d * P / G;
+  const __m256i vidx = _mm256_load_si256((const __m256i*)idx);
+  __m256i mask[P];  // code t's bits in every lane
+  for (int t = 0; t < P; t++) mask[t] = _mm256_set1_epi32(int32_t(((1u << BITS) - 1) << (BITS * t)));
   // the block's first group g, advanced without a division: by B/G a block, or by 1 every G/B blocks
   const int64_t pf_groups = PF_COLS / G, per_group = one_group ? G / B : 1, step = one_group ? 1 : B / G;
   for (int64_t o = o0; o < o1; o++) {
     const uint8_t* qo = q + o * row_bytes;
     const float *so = scales + o * ng, *bo = biases + o * ng;
-    __m256 tot[M][2];  // two totals per row of x (even and odd blocks: two FMA chains)
-    for (int m = 0; m < M; m++) tot[m][0] = tot[m][1] = _mm256_setzero_ps();
-    for (int64_t j = 0, n = 0, g = 0, k = 0; j < K; j += B, n++) {
+    __m256 tot[M];
+    for (int m = 0; m < M; m++) tot[m] = _mm256_setzero_ps();
+    for (int64_t j = 0, g = 0, k = 0; j < K; j += B) {
       if ((j & 255) == 0) prefetch_ahead(qo, j, BITS, so + g, bo + g, pf_groups);
       const __m256i raw = _mm256_loadu_si256((const __m256i*)(qo + j / 8 * BITS));
-      __m256 acc[M][2];
-      for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+      constexpr int A = M == 1 ? 2 : 1;  // FMA chains per row of x (more rows are more chains)
+      __m256 acc[M][A];
       for (int t = 0; t < P; t++) {  // code t of each lane, times 2^(bits*t)
-        const __m256i ct = t < P - 1 ? _mm256_and_si256(raw, _mm256_set1_epi32(((1 << BITS) - 1) << (BITS * t)))
-                                     : _mm256_srli_epi32(raw, BITS * t);
+        const __m256i ct = t < P - 1 ? _mm256_and_si256(raw, mask[t]) : _mm256_srli_epi32(raw, BITS * t);
         const __m256 c = _mm256_cvtepi32_ps(ct);
-        for (int m = 0; m < M; m++)
-          acc[m][t & 1] = _mm256_fmadd_ps(c, _mm256_loadu_ps(xl + m * K + j + 8 * t), acc[m][t & 1]);
+        for (int m = 0; m < M; m++) {
+          const __m256 xv = _mm256_loadu_ps(xl + m * K + j + 8 * t);
+          acc[m][t % A] = t < A ? _mm256_mul_ps(c, xv) : _mm256_fmadd_ps(c, xv, acc[m][t % A]);
+        }
       }
-      const __m256 sv = one_group ? _mm256_set1_ps(so[g])
-                                  : _mm256_permutevar8x32_ps(_mm256_maskload_ps(so + g, vtake), vidx);
-      for (int m = 0; m < M; m++)
-        tot[m][n & 1] = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[m][0], acc[m][1]), tot[m][n & 1]);
+      // the block's scales, spread over the lanes they cover; each load reads exactly nsc floats
+      const __m256 sv = nsc == 1 ? _mm256_broadcast_ss(so + g)
+                      : nsc == 2 ? _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double*)(so + g))), vidx)
+                      : nsc == 4 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(so + g)), vidx)
+                                 : _mm256_loadu_ps(so + g);
+      for (int m = 0; m < M; m++) tot[m] = _mm256_fmadd_ps(sv, A == 1 ? acc[m][0] : _mm256_add_ps(acc[m][0], acc[m][A - 1]), tot[m]);
       if (++k == per_group) k = 0, g += step;
     }
     for (int m = 0; m < M; m++) {
@@ -169,7 +174,7 @@ void rows_lanes(const float* xl, int64_t K, const float* xsum, const uint8_t* q,
         bt = _mm256_fmadd_ps(_mm256_loadu_ps(bo + g), _mm256_loadu_ps(xsum + m * ng + g), bt);
       float rest = 0.f;
       for (; g < ng; g++) rest += bo[g] * xsum[m * ng + g];
-      y[m * N + o] = rest + hsum(_mm256_add_ps(_mm256_add_ps(tot[m][0], tot[m][1]), bt));
+      y[m * N + o] = rest + hsum(_mm256_add_ps(tot[m], bt));
     }
   }
 }
@@ -248,54 +253,77 @@ void check_linear(const at::Tensor& qweight, const at::Tensor& scales, const at:
               biases.sizes() == scales.sizes() && scales.size(1) == (K + G - 1) / G, "gemv: shapes do not match");
 }
 
-// y [M, N] = x [M, K] @ w~^T for the checked linear (qweight, scales, biases): the whole gemv on pointers.
-void gemv_into(const float* xp, int64_t M, int64_t K, const at::Tensor& qweight, const at::Tensor& scales,
-               const at::Tensor& biases, int64_t bits, int64_t G, float* yp) {
-  const int64_t N = qweight.size(0), ng = scales.size(1);
-  std::vector<float> xsum(M * ng, 0.f);  // the input's per-group sums, for the bias term
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t g = 0; g < ng; g++)
-      for (int64_t i = g * G; i < std::min(K, g * G + G); i++) xsum[m * ng + g] += xp[m * K + i];
-  const uint8_t* qp = qweight.data_ptr<uint8_t>();
-  const float *sp = scales.data_ptr<float>(), *bp = biases.data_ptr<float>();
-  const int64_t row_bytes = qweight.size(1);
+// A checked quantized linear as pointers and sizes: N rows of K codes of `bits` bits, ng groups of G.
+struct Linear {
+  const uint8_t* q;
+  const float *s, *b;
+  int64_t N, K, row_bytes, ng, bits, G;
+  Linear(const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& bi, int64_t K_, int64_t bits_, int64_t G_)
+      : q(qw.data_ptr<uint8_t>()), s(sc.data_ptr<float>()), b(bi.data_ptr<float>()), N(qw.size(0)), K(K_),
+        row_bytes(qw.size(1)), ng(sc.size(1)), bits(bits_), G(G_) {}
+};
+
+// M rows of x as a linear's rows read them: their per-group sums (for the bias term) and, for the lane row,
+// x in lane order. Buffers are kept between set() calls.
+struct Input {
+  const float* x = nullptr;
+  int64_t M = 0;
+  bool lanes = false;
+  std::vector<float> xsum, xl;
+  void set(const float* x_, int64_t M_, const Linear& L) {
+    x = x_, M = M_;
+    xsum.assign(M * L.ng, 0.f);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t g = 0; g < L.ng; g++)
+        for (int64_t i = g * L.G; i < std::min(L.K, g * L.G + L.G); i++) xsum[m * L.ng + g] += x[m * L.K + i];
 #ifdef QALORA_AVX2
-  const bool lanes = lanes_ok(bits, K, G);
-#else
-  const bool lanes = false;
+    lanes = lanes_ok(L.bits, L.K, L.G);
+    if (lanes) xl.resize(M * L.K), lane_order(x, M, L.K, L.bits, xl.data());
 #endif
-  std::vector<float> xlanes(lanes ? M * K : 0);  // x in the lane row's column order
+  }
+};
+
+// Output rows [o0, o1) of y [M, N] = x @ w~^T.
+template <int M>
+void rows_of(const Input& in, const Linear& L, int64_t o0, int64_t o1, float* y) {
 #ifdef QALORA_AVX2
-  if (lanes) lane_order(xp, M, K, bits, xlanes.data());
-#endif
-  const auto rows = [&](auto m_const) {
-    constexpr int Mc = decltype(m_const)::value;
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-#ifdef QALORA_AVX2
-      if (lanes) {
-        const float* xl = xlanes.data();
-        if (bits == 2) rows_lanes<2, Mc>(xl, K, xsum.data(), qp, row_bytes, sp, bp, ng, G, begin, end, yp, N);
-        else if (bits == 4) rows_lanes<4, Mc>(xl, K, xsum.data(), qp, row_bytes, sp, bp, ng, G, begin, end, yp, N);
-        else rows_lanes<8, Mc>(xl, K, xsum.data(), qp, row_bytes, sp, bp, ng, G, begin, end, yp, N);
-        return;
+  if (in.lanes) {
+    // at most 4 rows of x a pass (more accumulators spill out of the 16 vector registers); the second pass
+    // rereads 16 rows' codes from L1
+    const auto run = [&](auto bits_const) {
+      constexpr int BITS = decltype(bits_const)::value, M1 = M < 4 ? M : 4;
+      for (int64_t a = o0; a < o1; a += 16) {
+        const int64_t b = std::min(a + 16, o1);
+        rows_lanes<BITS, M1>(in.xl.data(), L.K, in.xsum.data(), L.q, L.row_bytes, L.s, L.b, L.ng, L.G, a, b, y, L.N);
+        if constexpr (M > 4)
+          rows_lanes<BITS, M - 4>(in.xl.data() + 4 * L.K, L.K, in.xsum.data() + 4 * L.ng, L.q, L.row_bytes, L.s,
+                                  L.b, L.ng, L.G, a, b, y + 4 * L.N, L.N);
       }
+    };
+    if (L.bits == 2) run(std::integral_constant<int, 2>());
+    else if (L.bits == 4) run(std::integral_constant<int, 4>());
+    else run(std::integral_constant<int, 8>());
+    return;
+  }
 #endif
-      float out[Mc];
-      for (int64_t o = begin; o < end; o++) {
-        row<Mc>(xp, K, xsum.data(), qp + o * row_bytes, row_bytes, sp + o * ng, bp + o * ng, ng, G, (int)bits, out);
-        for (int m = 0; m < Mc; m++) yp[m * N + o] = out[m];
-      }
-    });
-  };
-  switch (M) {
-    case 1: rows(std::integral_constant<int, 1>()); break;
-    case 2: rows(std::integral_constant<int, 2>()); break;
-    case 3: rows(std::integral_constant<int, 3>()); break;
-    case 4: rows(std::integral_constant<int, 4>()); break;
-    case 5: rows(std::integral_constant<int, 5>()); break;
-    case 6: rows(std::integral_constant<int, 6>()); break;
-    case 7: rows(std::integral_constant<int, 7>()); break;
-    case 8: rows(std::integral_constant<int, 8>()); break;
+  float out[M];
+  for (int64_t o = o0; o < o1; o++) {
+    row<M>(in.x, L.K, in.xsum.data(), L.q + o * L.row_bytes, L.row_bytes, L.s + o * L.ng, L.b + o * L.ng, L.ng,
+           L.G, (int)L.bits, out);
+    for (int m = 0; m < M; m++) y[m * L.N + o] = out[m];
+  }
+}
+
+void gemv_rows(const Input& in, const Linear& L, int64_t o0, int64_t o1, float* y) {
+  switch (in.M) {
+    case 1: rows_of<1>(in, L, o0, o1, y); break;
+    case 2: rows_of<2>(in, L, o0, o1, y); break;
+    case 3: rows_of<3>(in, L, o0, o1, y); break;
+    case 4: rows_of<4>(in, L, o0, o1, y); break;
+    case 5: rows_of<5>(in, L, o0, o1, y); break;
+    case 6: rows_of<6>(in, L, o0, o1, y); break;
+    case 7: rows_of<7>(in, L, o0, o1, y); break;
+    case 8: rows_of<8>(in, L, o0, o1, y); break;
   }
 }
 
@@ -305,22 +333,29 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
   TORCH_CHECK(x.size(0) <= MAX_M, "gemv: at most ", MAX_M, " rows, got ", x.size(0));
   check_linear(qweight, scales, biases, x.size(1), bits, group_size);
   at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
-  gemv_into(x.data_ptr<float>(), x.size(0), x.size(1), qweight, scales, biases, bits, group_size, y.data_ptr<float>());
+  const Linear L(qweight, scales, biases, x.size(1), bits, group_size);
+  Input in;
+  in.set(x.data_ptr<float>(), x.size(0), L);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, L.N, 16, [&](int64_t begin, int64_t end) { gemv_rows(in, L, begin, end, yp); });
   return y;
 }
 
 // -----------------------------------------------------------------------------
-// One decode step of a LLaMA block for one token (model.Block with a KV cache and no mask), as one call:
+// One decode step of a stack of LLaMA blocks for one token (model.Block with a KV cache and no mask), as one
+// call. Per block:
 //
 //   a = rmsnorm(h) * w1;  q, k, v = a @ Wq^T, a @ Wk^T, a @ Wv^T;  rope(q), rope(k)  (HF rotate_half)
 //   cache[pos] = k, v;  y = softmax(q k^T / sqrt(hd)) v  per head (grouped-query: head i reads kv head
-//   i / (H / KV));  h1 = h + y @ Wo^T;  b = rmsnorm(h1) * w2;  out = h1 + (silu(b Wg^T) * (b Wu^T)) @ Wd^T
+//   i / (H / KV));  h1 = h + y @ Wo^T;  b = rmsnorm(h1) * w2;  h = h1 + (silu(b Wg^T) * (b Wu^T)) @ Wd^T
 //
-// The seven linears are the gemv above. T is the activations' storage type (float or bfloat16): values are
-// rounded to T where model.py's ops store them (after each norm, linear, rope, attention, product and
-// residual sum), the arithmetic is fp32. generate.py calls this instead of a compiled graph per block: a
-// graph's Python wrapper and dynamo's guards cost more per token than the block's arithmetic besides the
-// linears.
+// The linears are the gemv above. T is the activations' storage type (float or bfloat16): values are rounded
+// to T where model.py's ops store them (after each norm, linear, rope, attention, product and residual
+// sum), the arithmetic is fp32. The whole stack runs in one parallel region: the threads share each linear's
+// rows (q, k and v as one list, gate and up side by side), then the heads; between them a barrier. The small
+// serial parts (norms, residual sums) every thread computes for itself, identically. generate.py calls this
+// once per token: a call per block (or a compiled graph per block) costs more in Python, dispatch and
+// thread wake-ups than the block's arithmetic besides the linears.
 template <class T>
 inline float rnd(float v) { return float(T(v)); }  // v stored as T and read back
 
@@ -332,107 +367,178 @@ void rmsnorm(const float* x, const T* w, int64_t n, double eps, float* out) {
   for (int64_t i = 0; i < n; i++) out[i] = rnd<T>(float(w[i]) * rnd<T>(x[i] * r));
 }
 
+// One head's rope, in place (x [hd]; cos, sin [hd]).
 template <class T>
-void rope(float* x, int64_t heads, int64_t hd, const T* cos, const T* sin) {
+void rope(float* v, int64_t hd, const T* cos, const T* sin) {
   const int64_t half = hd / 2;
-  for (int64_t hh = 0; hh < heads; hh++) {
-    float* v = x + hh * hd;
-    for (int64_t i = 0; i < half; i++) {
-      const float x1 = v[i], x2 = v[i + half];
-      v[i] = rnd<T>(rnd<T>(x1 * float(cos[i])) + rnd<T>(-x2 * float(sin[i])));
-      v[i + half] = rnd<T>(rnd<T>(x2 * float(cos[i + half])) + rnd<T>(x1 * float(sin[i + half])));
+  for (int64_t i = 0; i < half; i++) {
+    const float x1 = v[i], x2 = v[i + half];
+    v[i] = rnd<T>(rnd<T>(x1 * float(cos[i])) + rnd<T>(-x2 * float(sin[i])));
+    v[i + half] = rnd<T>(rnd<T>(x2 * float(cos[i + half])) + rnd<T>(x1 * float(sin[i + half])));
+  }
+}
+
+#ifdef QALORA_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+#endif
+
+template <class T>
+float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  float tot = 0.f;
+#ifdef QALORA_AVX2
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+  tot = hsum(_mm256_add_ps(s0, s1));
+#endif
+  for (; i < n; i++) tot += a[i] * float(b[i]);
+  return tot;
+}
+
+template <class T>
+void axpy(float w, const T* v, float* y, int64_t n) {  // y += w * v
+  int64_t i = 0;
+#ifdef QALORA_AVX2
+  const __m256 wv = _mm256_set1_ps(w);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, load8(v + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; i++) y[i] += w * float(v[i]);
+}
+
+// The tensors of L blocks: norms [2L] (input, post-attention), caches [2L] (k, v: [1, KV, S, hd]), linears
+// [7L] (q, k, v, o, gate, up, down).
+template <class T>
+void decode_step_impl(const at::Tensor& h, at::TensorList norms, at::TensorList caches,
+                      const std::vector<Linear>& lins, const at::Tensor& cos, const at::Tensor& sin, double eps,
+                      int64_t pos, int64_t H, at::Tensor& out) {
+  const int64_t L = norms.size() / 2, dim = h.numel(), KV = caches[0].size(1), S = caches[0].size(2);
+  const int64_t hd = caches[0].size(3), hidden = lins[4].N, qn = H * hd, kvn = KV * hd, rep = H / KV;
+  constexpr int64_t CH = 16;  // rows per work item
+  std::vector<float> qkv(qn + 2 * kvn), y(qn), o(dim), g(hidden), u(hidden);  // shared between the threads
+  const T *hp = h.data_ptr<T>(), *cp = cos.data_ptr<T>(), *sp = sin.data_ptr<T>();
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const auto chunks = [](int64_t n) { return (n + CH - 1) / CH; };
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> x(dim), a(dim), p(pos + 1), qh(hd), kh(hd);
+    Input in[3];
+    for (int64_t i = 0; i < dim; i++) x[i] = float(hp[i]);
+    for (int64_t l = 0; l < L; l++) {
+      const Linear* W = lins.data() + 7 * l;
+      T *ck = caches[2 * l].data_ptr<T>(), *cv = caches[2 * l + 1].data_ptr<T>();  // [1, KV, S, hd], row 0
+      rmsnorm<T>(x.data(), norms[2 * l].data_ptr<T>(), dim, eps, a.data());
+      for (int i = 0; i < 3; i++) in[i].set(a.data(), 1, W[i]);
+      const int64_t cq = chunks(W[0].N), ckv = chunks(W[1].N);
+#pragma omp for schedule(dynamic)
+      for (int64_t c = 0; c < cq + 2 * ckv; c++) {  // the rows of q, k and v as one list
+        const int i = c < cq ? 0 : c < cq + ckv ? 1 : 2;
+        const int64_t o0 = (c - (i == 0 ? 0 : cq + (i - 1) * ckv)) * CH, o1 = std::min(o0 + CH, W[i].N);
+        float* dst = qkv.data() + (i == 0 ? 0 : qn + (i - 1) * kvn);
+        gemv_rows(in[i], W[i], o0, o1, dst);
+        for (int64_t r = o0; r < o1; r++) dst[r] = rnd<T>(dst[r]);
+      }
+#pragma omp for schedule(static)
+      for (int64_t hh = 0; hh < H; hh++) {  // attention, one head per item
+        const int64_t j = hh / rep;
+        const float *kj = qkv.data() + qn + j * hd, *vj = qkv.data() + qn + kvn + j * hd;
+        std::copy(kj, kj + hd, kh.begin());
+        rope<T>(kh.data(), hd, cp, sp);
+        if (hh % rep == 0)  // the first head of a group stores its kv head's k, v (read from the next token on)
+          for (int64_t i = 0; i < hd; i++) ck[(j * S + pos) * hd + i] = T(kh[i]), cv[(j * S + pos) * hd + i] = T(vj[i]);
+        std::copy(qkv.data() + hh * hd, qkv.data() + (hh + 1) * hd, qh.begin());
+        rope<T>(qh.data(), hd, cp, sp);
+        float mx = -INFINITY;
+        for (int64_t s = 0; s <= pos; s++) {
+          p[s] = (s < pos ? dot(qh.data(), ck + (j * S + s) * hd, hd) : dot(qh.data(), kh.data(), hd)) * scale;
+          mx = std::max(mx, p[s]);
+        }
+        float tot = 0.f;
+        for (int64_t s = 0; s <= pos; s++) tot += (p[s] = std::exp(p[s] - mx));
+        float* yh = y.data() + hh * hd;
+        std::fill(yh, yh + hd, 0.f);
+        for (int64_t s = 0; s < pos; s++) axpy(p[s] / tot, cv + (j * S + s) * hd, yh, hd);
+        axpy(p[pos] / tot, vj, yh, hd);
+        for (int64_t i = 0; i < hd; i++) yh[i] = rnd<T>(yh[i]);
+      }
+      in[0].set(y.data(), 1, W[3]);
+#pragma omp for schedule(dynamic)
+      for (int64_t c = 0; c < chunks(dim); c++) gemv_rows(in[0], W[3], c * CH, std::min(c * CH + CH, dim), o.data());
+      for (int64_t i = 0; i < dim; i++) x[i] = rnd<T>(x[i] + rnd<T>(o[i]));  // h1
+      rmsnorm<T>(x.data(), norms[2 * l + 1].data_ptr<T>(), dim, eps, a.data());
+      in[0].set(a.data(), 1, W[4]);
+      in[1].set(a.data(), 1, W[5]);
+#pragma omp for schedule(dynamic)
+      for (int64_t c = 0; c < chunks(hidden); c++) {  // gate and up rows side by side, then silu(gate) * up
+        const int64_t o0 = c * CH, o1 = std::min(o0 + CH, hidden);
+        gemv_rows(in[0], W[4], o0, o1, g.data());
+        gemv_rows(in[1], W[5], o0, o1, u.data());
+        for (int64_t r = o0; r < o1; r++) {
+          const float gr = rnd<T>(g[r]);
+          g[r] = rnd<T>(rnd<T>(gr / (1.0f + std::exp(-gr))) * rnd<T>(u[r]));
+        }
+      }
+      in[0].set(g.data(), 1, W[6]);
+#pragma omp for schedule(dynamic)
+      for (int64_t c = 0; c < chunks(dim); c++) gemv_rows(in[0], W[6], c * CH, std::min(c * CH + CH, dim), o.data());
+      for (int64_t i = 0; i < dim; i++) x[i] = rnd<T>(x[i] + rnd<T>(o[i]));
+      // no barrier: the next write to o (the next block's o projection) is two barriers away
+    }
+#pragma omp single
+    {
+      T* op = out.data_ptr<T>();
+      for (int64_t i = 0; i < dim; i++) op[i] = T(x[i]);
     }
   }
 }
 
-template <class T>
-void block_step_impl(const at::Tensor& h, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
-                     at::TensorList qw, at::TensorList sc, at::TensorList bi, at::IntArrayRef bits,
-                     at::IntArrayRef groups, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache_k,
-                     const at::Tensor& cache_v, int64_t pos, int64_t H, at::Tensor& out) {
-  const int64_t dim = h.numel(), KV = cache_k.size(1), S = cache_k.size(2), hd = cache_k.size(3);
-  const int64_t hidden = qw[4].size(0);
-  auto lin = [&](int i, const float* x, int64_t K, float* y) {
-    gemv_into(x, 1, K, qw[i], sc[i], bi[i], bits[i], groups[i], y);
-    for (int64_t o = 0; o < qw[i].size(0); o++) y[o] = rnd<T>(y[o]);
-  };
-  std::vector<float> x(dim), a(dim), q(H * hd), k(KV * hd), v(KV * hd), y(H * hd), o(dim), g(hidden), u(hidden);
-  const T* hp = h.data_ptr<T>();
-  for (int64_t i = 0; i < dim; i++) x[i] = float(hp[i]);
-  rmsnorm<T>(x.data(), norm1.data_ptr<T>(), dim, eps, a.data());
-  lin(0, a.data(), dim, q.data());
-  lin(1, a.data(), dim, k.data());
-  lin(2, a.data(), dim, v.data());
-  rope<T>(q.data(), H, hd, cos.data_ptr<T>(), sin.data_ptr<T>());
-  rope<T>(k.data(), KV, hd, cos.data_ptr<T>(), sin.data_ptr<T>());
-  T *ck = cache_k.data_ptr<T>(), *cv = cache_v.data_ptr<T>();  // [1, KV, S, hd], row 0
-  for (int64_t j = 0; j < KV; j++)
-    for (int64_t i = 0; i < hd; i++) ck[(j * S + pos) * hd + i] = T(k[j * hd + i]), cv[(j * S + pos) * hd + i] = T(v[j * hd + i]);
-  const float scale = 1.0f / std::sqrt(float(hd));
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> p(pos + 1);
-    for (int64_t hh = h0; hh < h1; hh++) {
-      const int64_t j = hh / (H / KV);
-      const float* qh = q.data() + hh * hd;
-      float mx = -INFINITY;
-      for (int64_t s = 0; s <= pos; s++) {
-        const T* kr = ck + (j * S + s) * hd;
-        float d = 0.f;
-        for (int64_t i = 0; i < hd; i++) d += qh[i] * float(kr[i]);
-        p[s] = d * scale;
-        mx = std::max(mx, p[s]);
-      }
-      float tot = 0.f;
-      for (int64_t s = 0; s <= pos; s++) tot += (p[s] = std::exp(p[s] - mx));
-      float* yh = y.data() + hh * hd;
-      for (int64_t i = 0; i < hd; i++) yh[i] = 0.f;
-      for (int64_t s = 0; s <= pos; s++) {
-        const T* vr = cv + (j * S + s) * hd;
-        const float w = p[s] / tot;
-        for (int64_t i = 0; i < hd; i++) yh[i] += w * float(vr[i]);
-      }
-      for (int64_t i = 0; i < hd; i++) yh[i] = rnd<T>(yh[i]);
-    }
-  });
-  lin(3, y.data(), H * hd, o.data());
-  for (int64_t i = 0; i < dim; i++) x[i] = rnd<T>(x[i] + o[i]);  // h1
-  rmsnorm<T>(x.data(), norm2.data_ptr<T>(), dim, eps, a.data());
-  lin(4, a.data(), dim, g.data());
-  lin(5, a.data(), dim, u.data());
-  for (int64_t i = 0; i < hidden; i++) g[i] = rnd<T>(rnd<T>(g[i] / (1.0f + std::exp(-g[i]))) * u[i]);
-  lin(6, g.data(), hidden, o.data());
-  T* op = out.data_ptr<T>();
-  for (int64_t i = 0; i < dim; i++) op[i] = T(x[i] + o[i]);
-}
-
-at::Tensor block_step(const at::Tensor& h, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
-                      at::TensorList qweights, at::TensorList scales, at::TensorList biases, at::IntArrayRef bits,
-                      at::IntArrayRef groups, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache_k,
-                      const at::Tensor& cache_v, int64_t pos, int64_t n_heads) {
+at::Tensor decode_step(const at::Tensor& h, at::TensorList norms, at::TensorList caches, at::TensorList qweights,
+                       at::TensorList scales, at::TensorList biases, at::IntArrayRef bits, at::IntArrayRef groups,
+                       const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t pos, int64_t n_heads) {
   const auto T = h.scalar_type();
-  TORCH_CHECK(T == at::kFloat || T == at::kBFloat16, "block_step: activations must be float32 or bfloat16");
-  TORCH_CHECK(h.is_contiguous() && h.size(0) == 1, "block_step: one contiguous row of activations");
-  for (const at::Tensor* t : {&norm1, &norm2, &cos, &sin, &cache_k, &cache_v})
-    TORCH_CHECK(t->scalar_type() == T && t->is_contiguous(), "block_step: norms, rope and cache must be contiguous ",
-                h.scalar_type());
-  TORCH_CHECK(qweights.size() == 7 && scales.size() == 7 && biases.size() == 7 && bits.size() == 7 && groups.size() == 7,
-              "block_step: seven linears (q, k, v, o, gate, up, down)");
-  TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes() && cache_k.size(0) >= 1, "block_step: cache shapes");
-  const int64_t dim = h.numel(), KV = cache_k.size(1), hd = cache_k.size(3), H = n_heads;
-  TORCH_CHECK(H % KV == 0 && hd % 2 == 0 && cos.numel() == hd && sin.numel() == hd && norm1.numel() == dim &&
-              norm2.numel() == dim && pos >= 0 && pos < cache_k.size(2), "block_step: shapes do not match");
+  TORCH_CHECK(T == at::kFloat || T == at::kBFloat16, "decode_step: activations must be float32 or bfloat16");
+  TORCH_CHECK(h.is_contiguous() && h.size(0) == 1, "decode_step: one contiguous row of activations");
+  const int64_t L = norms.size() / 2;
+  TORCH_CHECK(L >= 1 && norms.size() == 2 * L && caches.size() == 2 * L, "decode_step: two norms and two caches a block");
+  TORCH_CHECK(qweights.size() == 7 * L && scales.size() == 7 * L && biases.size() == 7 * L && bits.size() == 7 * L &&
+              groups.size() == 7 * L, "decode_step: seven linears a block (q, k, v, o, gate, up, down)");
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == T && t->is_contiguous(), "decode_step: rope must be contiguous ", T);
+  for (const auto& t : norms)
+    TORCH_CHECK(t.scalar_type() == T && t.is_contiguous(), "decode_step: norms must be contiguous ", T);
+  const at::Tensor& c0 = caches[0];
+  TORCH_CHECK(c0.dim() == 4 && c0.size(0) >= 1, "decode_step: caches must be [B, KV, S, head_dim]");
+  for (const auto& t : caches)
+    TORCH_CHECK(t.scalar_type() == T && t.is_contiguous() && t.sizes() == c0.sizes(),
+                "decode_step: caches must be contiguous ", T, " of one shape");
+  const int64_t dim = h.numel(), KV = c0.size(1), hd = c0.size(3), H = n_heads;
+  TORCH_CHECK(H >= 1 && H % KV == 0 && hd % 2 == 0 && cos.numel() == hd && sin.numel() == hd && pos >= 0 &&
+              pos < c0.size(2), "decode_step: shapes do not match");
   const int64_t hidden = qweights[4].size(0);
   const int64_t in_f[7] = {dim, dim, dim, H * hd, dim, dim, hidden};
   const int64_t out_f[7] = {H * hd, KV * hd, KV * hd, dim, hidden, hidden, dim};
-  for (int i = 0; i < 7; i++) {
-    check_linear(qweights[i], scales[i], biases[i], in_f[i], bits[i], groups[i]);
-    TORCH_CHECK(qweights[i].size(0) == out_f[i], "block_step: linear ", i, " has ", qweights[i].size(0), " rows, not ", out_f[i]);
+  std::vector<Linear> lins;
+  for (int64_t l = 0; l < L; l++) {
+    TORCH_CHECK(norms[2 * l].numel() == dim && norms[2 * l + 1].numel() == dim, "decode_step: norm ", l, " has the wrong size");
+    for (int i = 0; i < 7; i++) {
+      const int64_t k = 7 * l + i;
+      check_linear(qweights[k], scales[k], biases[k], in_f[i], bits[k], groups[k]);
+      TORCH_CHECK(qweights[k].size(0) == out_f[i], "decode_step: linear ", i, " of block ", l, " has ",
+                  qweights[k].size(0), " rows, not ", out_f[i]);
+      lins.emplace_back(qweights[k], scales[k], biases[k], in_f[i], bits[k], groups[k]);
+    }
   }
   at::Tensor out = at::empty_like(h);
   if (T == at::kFloat)
-    block_step_impl<float>(h, norm1, norm2, eps, qweights, scales, biases, bits, groups, cos, sin, cache_k, cache_v, pos, H, out);
+    decode_step_impl<float>(h, norms, caches, lins, cos, sin, eps, pos, H, out);
   else
-    block_step_impl<c10::BFloat16>(h, norm1, norm2, eps, qweights, scales, biases, bits, groups, cos, sin, cache_k, cache_v, pos, H, out);
+    decode_step_impl<c10::BFloat16>(h, norms, caches, lins, cos, sin, eps, pos, H, out);
   return out;
 }
 
@@ -440,12 +546,11 @@ at::Tensor block_step(const at::Tensor& h, const at::Tensor& norm1, const at::Te
 
 TORCH_LIBRARY(qalora, m) {
   m.def("gemv(Tensor x, Tensor qweight, Tensor scales, Tensor biases, int bits, int group_size) -> Tensor");
-  m.def("block_step(Tensor h, Tensor norm1, Tensor norm2, float eps, Tensor[] qweights, Tensor[] scales, "
-        "Tensor[] biases, int[] bits, int[] groups, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
-        "int pos, int n_heads) -> Tensor");
+  m.def("decode_step(Tensor h, Tensor[] norms, Tensor(a!)[] caches, Tensor[] qweights, Tensor[] scales, "
+        "Tensor[] biases, int[] bits, int[] groups, Tensor cos, Tensor sin, float eps, int pos, int n_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qalora, CPU, m) {
   m.impl("gemv", gemv);
-  m.impl("block_step", block_step);
+  m.impl("decode_step", decode_step);
 }

@@ -251,10 +251,10 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)                              # [T, hd]
         return emb.cos(), emb.sin()
 
-    def hidden_states(self, tokens, start_pos=None, pad_mask=None, block_fn=None):
-        """Final-normed hidden states [B, T, dim] (the head is applied by forward). `block_fn(layer, h, cos,
-        sin, start_pos, mask)`, if given, runs each block instead of calling it (generate.py passes a
-        torch.compile'd one for decode steps)."""
+    def hidden_states(self, tokens, start_pos=None, pad_mask=None, blocks_fn=None):
+        """Final-normed hidden states [B, T, dim] (the head is applied by forward). `blocks_fn(layers, h, cos,
+        sin, start_pos, mask)`, if given, runs the stack of blocks instead of calling them one by one
+        (generate.py passes one for decode steps: a C++ call, or a compiled graph per block)."""
         B, T = tokens.shape
         s0 = 0 if start_pos is None else start_pos
         if s0 + T > self.args.max_seq_len:
@@ -271,11 +271,11 @@ class Transformer(nn.Module):
             if pad_mask is not None:  # hide left padding; a query always sees itself (no empty rows)
                 mask = mask & pad_mask[:, None, None, :S]
                 mask = mask | (torch.arange(S, device=tokens.device)[None, :] == q_pos[:, None])
+        if blocks_fn is not None:
+            return self.norm(blocks_fn(self.layers, h, cos, sin, start_pos, mask))
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)
-            elif block_fn is not None:
-                h = block_fn(layer, h, cos, sin, start_pos, mask)
             else:
                 h = layer(h, cos, sin, start_pos, mask)
         return self.norm(h)

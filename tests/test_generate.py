@@ -24,9 +24,9 @@ def load(model_dir, bits=None, group_size=32, dtype=torch.float32):
 
 def step_logits(model, ids, compile):
     """Prefill ids[:-1] eagerly, then the logits of one decode step on ids[-1] (compiled or eager)."""
-    with torch.no_grad(), decode_session(model, 1, len(ids), compile) as block_fn:
+    with torch.no_grad(), decode_session(model, 1, len(ids), compile) as blocks_fn:
         model.hidden_states(torch.tensor([ids[:-1]]), start_pos=0)
-        h = model.hidden_states(torch.tensor([ids[-1:]]), start_pos=len(ids) - 1, block_fn=block_fn)
+        h = model.hidden_states(torch.tensor([ids[-1:]]), start_pos=len(ids) - 1, blocks_fn=blocks_fn)
         return model.lm_head(h[0, -1]).float()
 
 
@@ -145,66 +145,95 @@ def test_compiled_decode_step_compiles_once_for_every_position(tiny_model_dir):
     import generate as gen
     torch._dynamo.reset()
     gen._compiled.clear()
-    model = load(tiny_model_dir)  # float linears: the compiled graph (plain quantized blocks run block_step)
+    model = load(tiny_model_dir)  # float linears: the compiled graph (plain quantized blocks: decode_step)
     ids = load_tokenizer(tiny_model_dir).encode("Once upon a time")
     # (a cache one longer than used, as in generate(): a full cache's slice is contiguous, another graph)
-    with torch.no_grad(), decode_session(model, 1, len(ids) + 5, compile=True) as block_fn:
+    with torch.no_grad(), decode_session(model, 1, len(ids) + 5, compile=True) as blocks_fn:
         model.hidden_states(torch.tensor([ids]), start_pos=0)
         for i in range(4):
             tok = torch.tensor([[ids[-1]]])
             if i == 0:
-                model.hidden_states(tok, start_pos=len(ids), block_fn=block_fn)  # compiles
+                model.hidden_states(tok, start_pos=len(ids), blocks_fn=blocks_fn)  # compiles
             else:
                 with torch.compiler.set_stance("fail_on_recompile"):
-                    model.hidden_states(tok, start_pos=len(ids) + i, block_fn=block_fn)
+                    model.hidden_states(tok, start_pos=len(ids) + i, blocks_fn=blocks_fn)
+
+
+def packed_stack(model, dtype):
+    """Every block of the model packed for kernels.decode_step (each must allow it)."""
+    blocks = []
+    for layer in model.layers:
+        lins = native_linears(layer, dtype)
+        assert lins is not None
+        a = layer.self_attn
+        blocks.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight, lins, a.cache_k, a.cache_v))
+    return kernels.pack_blocks(blocks)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 16), (8, 64)])
-def test_block_step_equals_block_forward(tiny_model_dir, dtype, tol, bits, group_size):
-    """kernels.block_step (one C++ call per block and token) against model.Block's own forward (SDPA over
-    the cache), one token after a 5-token prefill, 4 heads on 2 kv heads: the output and the cache row."""
+def test_decode_step_equals_block_forwards(tiny_model_dir, dtype, tol, bits, group_size):
+    """kernels.decode_step (one C++ call for the whole stack and one token) against model.Block's own
+    forwards in turn (SDPA over the cache), one token after a 5-token prefill, 4 heads on 2 kv heads: the
+    output and every block's cache row; and 1 thread gives exactly what 2 threads give."""
     if not kernels.gemv_available():
         pytest.skip("the C++ kernels are not built here")
     model = load(tiny_model_dir, bits, group_size, dtype=dtype)
-    layer, a = model.layers[0], model.layers[0].self_attn
-    lins = native_linears(layer, dtype)
-    assert lins is not None
     torch.manual_seed(0)
-    pos, dim = 5, model.args.dim
+    pos, dim, attn = 5, model.args.dim, [layer.self_attn for layer in model.layers]
     rope = lambda p: [t.to(dtype) for t in model.rope(p)]  # noqa: E731
     with torch.no_grad():
         model.setup_cache(1, 16)
-        layer(torch.randn(1, pos, dim).to(dtype), *rope(torch.arange(pos)), 0, None)  # prefill 0..4
-        before = a.cache_k.clone(), a.cache_v.clone()
+        h = torch.randn(1, pos, dim).to(dtype)
+        for layer in model.layers:  # prefill 0..4
+            h = layer(h, *rope(torch.arange(pos)), 0, None)
+        before = [(a.cache_k.clone(), a.cache_v.clone()) for a in attn]
         x, (cos, sin) = torch.randn(1, 1, dim).to(dtype), rope(torch.tensor([pos]))
-        want = layer(x, cos, sin, pos, None).float()
-        want_cache = a.cache_k.clone(), a.cache_v.clone()
-        a.cache_k, a.cache_v = before[0].clone(), before[1].clone()
-        got = kernels.block_step(x, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                                 layer.input_layernorm.eps, lins, cos, sin, a.cache_k, a.cache_v, pos, a.n_heads)
-        got_cache = a.cache_k, a.cache_v
+        want = x
+        for layer in model.layers:
+            want = layer(want, cos, sin, pos, None)
+        want_cache = [(a.cache_k.clone(), a.cache_v.clone()) for a in attn]
+        got = {}
+        threads = torch.get_num_threads()
+        for n in (1, 2):
+            for a, (k, v) in zip(attn, before):
+                a.cache_k.copy_(k), a.cache_v.copy_(v)
+            torch.set_num_threads(n)
+            try:
+                got[n] = kernels.decode_step(x, packed_stack(model, dtype), cos, sin, pos, attn[0].n_heads,
+                                             model.layers[0].input_layernorm.eps)
+            finally:
+                torch.set_num_threads(threads)
+        got_cache = [(a.cache_k, a.cache_v) for a in attn]
         model.clear_cache()
+    assert torch.equal(got[1], got[2])
+    got = got[2]
     assert got.shape == x.shape and got.dtype == dtype
-    assert (got.float() - want).norm() / want.norm() < tol
-    for g, w, b in zip(got_cache, want_cache, before):
-        assert torch.equal(g[:, :, :pos], b[:, :, :pos])  # earlier positions untouched
-        assert (g[:, :, pos].float() - w[:, :, pos].float()).norm() / w[:, :, pos].float().norm() < tol
+    assert (got.float() - want.float()).norm() / want.float().norm() < tol
+    for gc, wc, bc in zip(got_cache, want_cache, before):
+        for g, w, b in zip(gc, wc, bc):
+            assert torch.equal(g[:, :, :pos], b[:, :, :pos])  # earlier positions untouched
+            assert (g[:, :, pos].float() - w[:, :, pos].float()).norm() / w[:, :, pos].float().norm() < tol
 
 
-def test_decode_session_takes_block_step_for_plain_quantized_blocks(tiny_model_dir, monkeypatch):
-    """A quantized model's one-token steps are block_step calls; blocks with an unmerged adapter (or float
-    linears) take the compiled graph; the tokens are the eager ones either way."""
+def test_decode_session_runs_plain_quantized_blocks_as_one_call(tiny_tokenizer, monkeypatch):
+    """A quantized model's one-token step is one decode_step call for all its blocks; a block that does not
+    allow it (an unmerged adapter, another impl) takes the compiled graph and splits the stack into runs
+    around it; the tokens are the eager ones either way."""
     if not kernels.gemv_available():
         pytest.skip("the C++ kernels are not built here")
+    from conftest import randomize_B, tiny_llama
     from qalora import add_adapters
-    from conftest import randomize_B
-    calls, real = [], kernels.block_step
-    monkeypatch.setattr(kernels, "block_step", lambda *args: calls.append(1) or real(*args))
-    model = load(tiny_model_dir, 4, 32)
-    ids = load_tokenizer(tiny_model_dir).encode("Once upon a time")
+    calls, real = [], kernels.decode_step
+    monkeypatch.setattr(kernels, "decode_step", lambda h, packed, *a: calls.append(len(packed[0]) // 2) or real(h, packed, *a))
+    model = quant.quantize_model(tiny_llama(tiny_tokenizer.vocab_size, n_layers=3), 4, 32)
+    ids = tiny_tokenizer.encode("Once upon a time")
     assert generate(model, ids, 6, compile=True) == generate(model, ids, 6)
-    assert calls and len(calls) % model.args.n_layers == 0
+    assert calls and set(calls) == {3}  # one call per token, all three blocks
+    calls.clear()
+    model.layers[1].self_attn.q_proj.impl = "eager"  # the middle block takes the graph
+    assert generate(model, ids, 6, compile=True) == generate(model, ids, 6)
+    assert calls and set(calls) == {1} and len(calls) % 2 == 0  # blocks 0 and 2, a call each
     calls.clear()
     add_adapters(model, rank=2, alpha=4)
     randomize_B(model, std=0.3)
@@ -214,22 +243,24 @@ def test_decode_session_takes_block_step_for_plain_quantized_blocks(tiny_model_d
     assert calls == []
 
 
-def test_block_step_rejects_wrong_inputs(tiny_model_dir):
+def test_decode_step_rejects_wrong_inputs(tiny_model_dir):
     if not kernels.gemv_available():
         pytest.skip("the C++ kernels are not built here")
     model = load(tiny_model_dir, 4, 32)
-    layer, a = model.layers[0], model.layers[0].self_attn
-    lins = native_linears(layer, torch.float32)
     model.setup_cache(1, 8)
+    packed = packed_stack(model, torch.float32)
     cos, sin = model.rope(torch.tensor([0]))
-    args = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, 1e-5)
-    x = torch.randn(1, 1, model.args.dim)
+    x, heads = torch.randn(1, 1, model.args.dim), model.layers[0].self_attn.n_heads
+    step = lambda x, packed, pos=0: kernels.decode_step(x, packed, cos, sin, pos, heads, 1e-5)  # noqa: E731
+    norms, caches, q, s, b, bits, groups = packed
     with pytest.raises(RuntimeError, match="seven linears"):
-        kernels.block_step(x, *args, lins[:6], cos, sin, a.cache_k, a.cache_v, 0, a.n_heads)
+        step(x, (norms, caches, q[:-1], s[:-1], b[:-1], bits[:-1], groups[:-1]))
     with pytest.raises(RuntimeError, match="shapes do not match"):
-        kernels.block_step(x, *args, lins, cos, sin, a.cache_k, a.cache_v, 8, a.n_heads)  # past the cache
+        step(x, packed, pos=8)  # past the cache
     with pytest.raises(RuntimeError, match="rows, not"):
-        kernels.block_step(x, *args, lins[1:2] + lins[1:], cos, sin, a.cache_k, a.cache_v, 0, a.n_heads)
+        step(x, (norms, caches, q[1:2] + q[1:], s[1:2] + s[1:], b[1:2] + b[1:], bits, groups))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        kernels.block_step(x.double(), *args, lins, cos, sin, a.cache_k, a.cache_v, 0, a.n_heads)
+        step(x.double(), packed)
+    with pytest.raises(RuntimeError, match="caches must be"):
+        step(x, (norms, caches[:1] + [caches[1][:, :, :4].contiguous()] + caches[2:], q, s, b, bits, groups))
     model.clear_cache()

@@ -127,7 +127,8 @@ needs_gemv = pytest.mark.skipif(not kernels.gemv_available(), reason="the C++ ge
 
 @needs_gemv
 @pytest.mark.parametrize("bits", (1, 2, 3, 4, 5, 6, 7, 8))
-@pytest.mark.parametrize("shape", SHAPES + [(20, 4096, 32), (8, 37, 10), (8, 40, 16), (16, 192, 64), (8, 320, 96)])
+@pytest.mark.parametrize("shape", SHAPES + [(20, 4096, 32), (8, 37, 10), (8, 40, 16), (16, 192, 64), (8, 320, 96),
+                                   (40, 256, 16)])  # (the lane row's blocks of 2, 4 and 8 groups)
 def test_gemv_equals_reference(bits, shape):
     out_f, in_f, gs = shape
     q = torch.randint(0, 2 ** bits, (out_f, in_f), dtype=torch.uint8)
@@ -137,7 +138,7 @@ def test_gemv_equals_reference(bits, shape):
                                   biases=torch.randn(out_f, ng), bias=torch.randn(out_f), bits=bits,
                                   group_size=quant.effective_group_size(in_f, gs), in_features=in_f,
                                   out_features=out_f, n_groups=ng, kernel_cache={})
-    for lead in [(1,), (2,), (3,), (8,), (2, 4)]:  # every row count it unrolls, and a 3-D input
+    for lead in [(1,), (2,), (3,), (5,), (8,), (2, 4)]:  # row counts (up to 4 a pass, then the rest), 3-D
         x = torch.randn(*lead, in_f)
         y_ref, g_ref = value_and_grad("reference", x, layer)
         y, g = value_and_grad("gemv", x, layer)
