@@ -58,10 +58,12 @@ def native_linears(layer, dtype):
     return mods if ok else None
 
 
-def decode_runs(layers, dtype):
+def decode_runs(layers, dtype, norm):
     """The blocks in order as runs: (layers, packed, n_heads, eps) for consecutive blocks that
     kernels.decode_step runs as one call (same heads and eps), (layers, None, None, None) for one that runs
-    as the compiled graph. Reads each block's KV cache, so made once the session's cache exists."""
+    as the compiled graph. The last run also applies the final norm when it is a decode_step run (same eps
+    and dtype); whether it does is returned beside the runs. Reads each block's KV cache, so made once the
+    session's cache exists."""
     runs = []
     for layer in layers:
         lins, a = native_linears(layer, dtype), layer.self_attn
@@ -75,8 +77,9 @@ def decode_runs(layers, dtype):
             runs[-1][1].append(block)
         else:
             runs.append(([layer], [block], *key))
-    return [(ls, None if blocks is None else kernels.pack_blocks(blocks), heads, eps)
-            for ls, blocks, heads, eps in runs]
+    fold = runs[-1][1] is not None and norm.eps == runs[-1][3] and norm.weight.dtype == dtype
+    return [(ls, None if blocks is None else kernels.pack_blocks(blocks, norm.weight if fold and i == len(runs) - 1 else None),
+             heads, eps) for i, (ls, blocks, heads, eps) in enumerate(runs)], fold
 
 
 def compiled_blocks_fn():
@@ -98,20 +101,21 @@ def compiled_blocks_fn():
         torch._dynamo.maybe_mark_dynamic(positions, 0)
         return compiled(layer, h, cos, sin, positions, mask)
 
-    def run(layers, h, cos, sin, start_pos, mask):
+    def run(layers, h, cos, sin, start_pos, mask, norm):
         if not (mask is None and h.shape[:2] == (1, 1) and h.device.type == "cpu"):
             for layer in layers:
                 h = graph(layer, h, cos, sin, start_pos, mask)
-            return h
+            return norm(h)
         if h.dtype not in runs:
-            runs[h.dtype] = decode_runs(layers, h.dtype)
+            runs[h.dtype] = decode_runs(layers, h.dtype, norm)
+        steps, normed = runs[h.dtype]
         cos, sin = cos.contiguous(), sin.contiguous()
-        for ls, packed, n_heads, eps in runs[h.dtype]:
+        for ls, packed, n_heads, eps in steps:
             if packed is not None:
                 h = kernels.decode_step(h.contiguous(), packed, cos, sin, start_pos, n_heads, eps)
             else:
                 h = graph(ls[0], h, cos, sin, start_pos, mask)
-        return h
+        return h if normed else norm(h)
     return run
 
 
@@ -242,15 +246,18 @@ def generate(model, ids, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights read per decoded token: every parameter and buffer except the embedding table
-    (one row of it is read) and the RoPE table."""
+    """Bytes of weights read per decoded token: every parameter and buffer except the embedding table (one
+    row of it is read; a tied head kept as Q8_0 codes reads those codes instead) and the RoPE table."""
+    codes_head = model.head_codes is not None
     seen, n = set(), 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) in seen or name == "inv_freq" or (name.startswith("embed_tokens") and not model.args.tie_embeddings):
-            continue
-        if name == "lm_head.weight" and model.head_codes is not None:  # decode reads the head's codes instead
+        if id(t) in seen or name == "inv_freq":
             continue
         seen.add(id(t))
+        if name.startswith("embed_tokens") and (codes_head or not model.args.tie_embeddings):
+            continue
+        if name == "lm_head.weight" and codes_head:
+            continue
         n += t.numel() * t.element_size()
     return n
 

@@ -258,15 +258,18 @@ def _load_cpu_kernels():
     return True
 
 
-def pack_blocks(blocks):
+def pack_blocks(blocks, final_norm=None):
     """The tensors of consecutive LLaMA blocks as decode_step takes them, gathered once per decode session.
     `blocks`: (norm1, norm2, linears, cache_k, cache_v) per block, `linears` its seven quantized linears (q, k,
-    v, o, gate, up, down: anything with QuantLinear's attributes and no bias)."""
+    v, o, gate, up, down: anything with QuantLinear's attributes and no bias). `final_norm`, a norm weight:
+    decode_step returns the last block's output normed by it (the model's final norm, same eps)."""
     norms, caches, lins = [], [], []
     for norm1, norm2, linears, cache_k, cache_v in blocks:
         norms += [norm1, norm2]
         caches += [cache_k, cache_v]
         lins += list(linears)
+    if final_norm is not None:
+        norms.append(final_norm)
     return (norms, caches, [l.qweight for l in lins], [l.scales for l in lins], [l.biases for l in lins],
             [l.bits for l in lins], [l.group_size for l in lins])
 

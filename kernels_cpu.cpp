@@ -413,7 +413,7 @@ void axpy(float w, const T* v, float* y, int64_t n) {  // y += w * v
 }
 
 // The tensors of L blocks: norms [2L] (input, post-attention), caches [2L] (k, v: [1, KV, S, hd]), linears
-// [7L] (q, k, v, o, gate, up, down).
+// [7L] (q, k, v, o, gate, up, down). A norm after the last pair is the model's final norm, applied to the output.
 template <class T>
 void decode_step_impl(const at::Tensor& h, at::TensorList norms, at::TensorList caches,
                       const std::vector<Linear>& lins, const at::Tensor& cos, const at::Tensor& sin, double eps,
@@ -492,6 +492,7 @@ void decode_step_impl(const at::Tensor& h, at::TensorList norms, at::TensorList 
     }
 #pragma omp single
     {
+      if (norms.size() > 2 * L) rmsnorm<T>(x.data(), norms[2 * L].data_ptr<T>(), dim, eps, a.data()), x.swap(a);
       T* op = out.data_ptr<T>();
       for (int64_t i = 0; i < dim; i++) op[i] = T(x[i]);
     }
@@ -505,7 +506,8 @@ at::Tensor decode_step(const at::Tensor& h, at::TensorList norms, at::TensorList
   TORCH_CHECK(T == at::kFloat || T == at::kBFloat16, "decode_step: activations must be float32 or bfloat16");
   TORCH_CHECK(h.is_contiguous() && h.size(0) == 1, "decode_step: one contiguous row of activations");
   const int64_t L = norms.size() / 2;
-  TORCH_CHECK(L >= 1 && norms.size() == 2 * L && caches.size() == 2 * L, "decode_step: two norms and two caches a block");
+  TORCH_CHECK(L >= 1 && norms.size() <= 2 * L + 1 && caches.size() == 2 * L,
+              "decode_step: two norms and two caches a block (and optionally the final norm)");
   TORCH_CHECK(qweights.size() == 7 * L && scales.size() == 7 * L && biases.size() == 7 * L && bits.size() == 7 * L &&
               groups.size() == 7 * L, "decode_step: seven linears a block (q, k, v, o, gate, up, down)");
   for (const at::Tensor* t : {&cos, &sin})
@@ -524,8 +526,8 @@ at::Tensor decode_step(const at::Tensor& h, at::TensorList norms, at::TensorList
   const int64_t in_f[7] = {dim, dim, dim, H * hd, dim, dim, hidden};
   const int64_t out_f[7] = {H * hd, KV * hd, KV * hd, dim, hidden, hidden, dim};
   std::vector<Linear> lins;
+  for (const auto& t : norms) TORCH_CHECK(t.numel() == dim, "decode_step: a norm has the wrong size");
   for (int64_t l = 0; l < L; l++) {
-    TORCH_CHECK(norms[2 * l].numel() == dim && norms[2 * l + 1].numel() == dim, "decode_step: norm ", l, " has the wrong size");
     for (int i = 0; i < 7; i++) {
       const int64_t k = 7 * l + i;
       check_linear(qweights[k], scales[k], biases[k], in_f[i], bits[k], groups[k]);

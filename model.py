@@ -253,8 +253,8 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens, start_pos=None, pad_mask=None, blocks_fn=None):
         """Final-normed hidden states [B, T, dim] (the head is applied by forward). `blocks_fn(layers, h, cos,
-        sin, start_pos, mask)`, if given, runs the stack of blocks instead of calling them one by one
-        (generate.py passes one for decode steps: a C++ call, or a compiled graph per block)."""
+        sin, start_pos, mask, norm)`, if given, runs the stack of blocks and the final norm instead of calling
+        them one by one (generate.py passes one for decode steps: a C++ call, or a compiled graph per block)."""
         B, T = tokens.shape
         s0 = 0 if start_pos is None else start_pos
         if s0 + T > self.args.max_seq_len:
@@ -272,7 +272,7 @@ class Transformer(nn.Module):
                 mask = mask & pad_mask[:, None, None, :S]
                 mask = mask | (torch.arange(S, device=tokens.device)[None, :] == q_pos[:, None])
         if blocks_fn is not None:
-            return self.norm(blocks_fn(self.layers, h, cos, sin, start_pos, mask))
+            return blocks_fn(self.layers, h, cos, sin, start_pos, mask, self.norm)
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)

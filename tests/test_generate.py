@@ -159,15 +159,15 @@ def test_compiled_decode_step_compiles_once_for_every_position(tiny_model_dir):
                     model.hidden_states(tok, start_pos=len(ids) + i, blocks_fn=blocks_fn)
 
 
-def packed_stack(model, dtype):
-    """Every block of the model packed for kernels.decode_step (each must allow it)."""
+def packed_stack(model, dtype, final_norm=False):
+    """Every block of the model packed for kernels.decode_step (each must allow it), and the final norm."""
     blocks = []
     for layer in model.layers:
         lins = native_linears(layer, dtype)
         assert lins is not None
         a = layer.self_attn
         blocks.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight, lins, a.cache_k, a.cache_v))
-    return kernels.pack_blocks(blocks)
+    return kernels.pack_blocks(blocks, model.norm.weight if final_norm else None)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -175,7 +175,8 @@ def packed_stack(model, dtype):
 def test_decode_step_equals_block_forwards(tiny_model_dir, dtype, tol, bits, group_size):
     """kernels.decode_step (one C++ call for the whole stack and one token) against model.Block's own
     forwards in turn (SDPA over the cache), one token after a 5-token prefill, 4 heads on 2 kv heads: the
-    output and every block's cache row; and 1 thread gives exactly what 2 threads give."""
+    output (also with the final norm) and every block's cache row; and 1 thread gives exactly what 2 threads
+    give."""
     if not kernels.gemv_available():
         pytest.skip("the C++ kernels are not built here")
     model = load(tiny_model_dir, bits, group_size, dtype=dtype)
@@ -193,21 +194,22 @@ def test_decode_step_equals_block_forwards(tiny_model_dir, dtype, tol, bits, gro
         for layer in model.layers:
             want = layer(want, cos, sin, pos, None)
         want_cache = [(a.cache_k.clone(), a.cache_v.clone()) for a in attn]
-        got = {}
-        threads = torch.get_num_threads()
-        for n in (1, 2):
+        want_normed = model.norm(want)
+        got, threads = {}, torch.get_num_threads()
+        for n, final in ((1, False), (2, False), (2, True)):
             for a, (k, v) in zip(attn, before):
                 a.cache_k.copy_(k), a.cache_v.copy_(v)
             torch.set_num_threads(n)
             try:
-                got[n] = kernels.decode_step(x, packed_stack(model, dtype), cos, sin, pos, attn[0].n_heads,
-                                             model.layers[0].input_layernorm.eps)
+                got[n, final] = kernels.decode_step(x, packed_stack(model, dtype, final), cos, sin, pos,
+                                                    attn[0].n_heads, model.layers[0].input_layernorm.eps)
             finally:
                 torch.set_num_threads(threads)
         got_cache = [(a.cache_k, a.cache_v) for a in attn]
         model.clear_cache()
-    assert torch.equal(got[1], got[2])
-    got = got[2]
+    assert torch.equal(got[1, False], got[2, False])
+    assert (got[2, True].float() - want_normed.float()).norm() / want_normed.float().norm() < tol
+    got = got[2, False]
     assert got.shape == x.shape and got.dtype == dtype
     assert (got.float() - want.float()).norm() / want.float().norm() < tol
     for gc, wc, bc in zip(got_cache, want_cache, before):
@@ -264,3 +266,20 @@ def test_decode_step_rejects_wrong_inputs(tiny_model_dir):
     with pytest.raises(RuntimeError, match="caches must be"):
         step(x, (norms, caches[:1] + [caches[1][:, :, :4].contiguous()] + caches[2:], q, s, b, bits, groups))
     model.clear_cache()
+
+
+def test_weight_bytes_counts_what_a_decode_step_reads(tiny_tokenizer):
+    """Every weight once, not the embedding table (a row of it is read); a tied head kept as Q8_0 codes counts
+    its codes, scales and biases instead of the table it was read from."""
+    from conftest import tiny_llama
+    from generate import weight_bytes
+    model = tiny_llama(tiny_tokenizer.vocab_size)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    body = nbytes(p for n, p in model.named_parameters() if not n.startswith(("embed_tokens", "lm_head")))
+    assert weight_bytes(model) == body + nbytes([model.lm_head.weight])
+    tied = tiny_llama(tiny_tokenizer.vocab_size, tie_embeddings=True)
+    assert weight_bytes(tied) == body + nbytes([tied.embed_tokens.weight])
+    V, D = tied.embed_tokens.weight.shape
+    tied.head_codes = torch.zeros(V, D, dtype=torch.uint8)
+    tied.head_scales, tied.head_biases = torch.zeros(V, D // 32), torch.zeros(V, D // 32)
+    assert weight_bytes(tied) == body + V * D + 2 * 4 * V * D // 32
