@@ -118,12 +118,12 @@ inline bool lanes_ok(int64_t bits, int64_t K, int64_t G) {
 // (t < P-1; the top code's x is not scaled). A power of two: exact unless |x| < 2^-100 (subnormal).
 inline void lane_order(const float* x, int64_t M, int64_t K, int64_t bits, float* out) {
   const int64_t P = 32 / bits, B = 8 * P;
+  float f[16];
+  for (int64_t t = 0; t < P; t++) f[t] = t < P - 1 ? std::ldexp(1.0f, -int(bits * t)) : 1.0f;
   for (int64_t m = 0; m < M; m++)
     for (int64_t j = 0; j < K; j += B)
-      for (int64_t t = 0; t < P; t++) {
-        const float f = t < P - 1 ? std::ldexp(1.0f, -int(bits * t)) : 1.0f;
-        for (int64_t d = 0; d < 8; d++) out[m * K + j + 8 * t + d] = x[m * K + j + P * d + t] * f;
-      }
+      for (int64_t t = 0; t < P; t++)
+        for (int64_t d = 0; d < 8; d++) out[m * K + j + 8 * t + d] = x[m * K + j + P * d + t] * f[t];
 }
 
 // Rows [o0, o1) of the output for M rows of x; the per-call setup is made once for all of them.
@@ -267,11 +267,11 @@ struct Linear {
 // x in lane order. Buffers are kept between set() calls.
 struct Input {
   const float* x = nullptr;
-  int64_t M = 0;
+  int64_t M = 0, K = 0, bits = 0, G = 0;
   bool lanes = false;
   std::vector<float> xsum, xl;
   void set(const float* x_, int64_t M_, const Linear& L) {
-    x = x_, M = M_;
+    x = x_, M = M_, K = L.K, bits = L.bits, G = L.G;
     xsum.assign(M * L.ng, 0.f);
     for (int64_t m = 0; m < M; m++)
       for (int64_t g = 0; g < L.ng; g++)
@@ -282,6 +282,9 @@ struct Input {
 #endif
   }
 };
+
+// Does `in` (made for another linear from the same x) serve L as it is?
+inline bool same_input(const Input& in, const Linear& L) { return in.K == L.K && in.bits == L.bits && in.G == L.G; }
 
 // Output rows [o0, o1) of y [M, N] = x @ w~^T.
 template <int M>
@@ -434,14 +437,17 @@ void decode_step_impl(const at::Tensor& h, at::TensorList norms, at::TensorList 
       const Linear* W = lins.data() + 7 * l;
       T *ck = caches[2 * l].data_ptr<T>(), *cv = caches[2 * l + 1].data_ptr<T>();  // [1, KV, S, hd], row 0
       rmsnorm<T>(x.data(), norms[2 * l].data_ptr<T>(), dim, eps, a.data());
-      for (int i = 0; i < 3; i++) in[i].set(a.data(), 1, W[i]);
+      in[0].set(a.data(), 1, W[0]);  // k and v read a the way q does (same bits and groups), else their own
+      const Input& ik = same_input(in[0], W[1]) ? in[0] : (in[1].set(a.data(), 1, W[1]), in[1]);
+      const Input& iv = same_input(in[0], W[2]) ? in[0] : (in[2].set(a.data(), 1, W[2]), in[2]);
+      const Input* qkv_in[3] = {&in[0], &ik, &iv};
       const int64_t cq = chunks(W[0].N), ckv = chunks(W[1].N);
 #pragma omp for schedule(dynamic)
       for (int64_t c = 0; c < cq + 2 * ckv; c++) {  // the rows of q, k and v as one list
         const int i = c < cq ? 0 : c < cq + ckv ? 1 : 2;
         const int64_t o0 = (c - (i == 0 ? 0 : cq + (i - 1) * ckv)) * CH, o1 = std::min(o0 + CH, W[i].N);
         float* dst = qkv.data() + (i == 0 ? 0 : qn + (i - 1) * kvn);
-        gemv_rows(in[i], W[i], o0, o1, dst);
+        gemv_rows(*qkv_in[i], W[i], o0, o1, dst);
         for (int64_t r = o0; r < o1; r++) dst[r] = rnd<T>(dst[r]);
       }
 #pragma omp for schedule(static)
@@ -473,12 +479,12 @@ void decode_step_impl(const at::Tensor& h, at::TensorList norms, at::TensorList 
       for (int64_t i = 0; i < dim; i++) x[i] = rnd<T>(x[i] + rnd<T>(o[i]));  // h1
       rmsnorm<T>(x.data(), norms[2 * l + 1].data_ptr<T>(), dim, eps, a.data());
       in[0].set(a.data(), 1, W[4]);
-      in[1].set(a.data(), 1, W[5]);
+      const Input& iu = same_input(in[0], W[5]) ? in[0] : (in[1].set(a.data(), 1, W[5]), in[1]);
 #pragma omp for schedule(dynamic)
       for (int64_t c = 0; c < chunks(hidden); c++) {  // gate and up rows side by side, then silu(gate) * up
         const int64_t o0 = c * CH, o1 = std::min(o0 + CH, hidden);
         gemv_rows(in[0], W[4], o0, o1, g.data());
-        gemv_rows(in[1], W[5], o0, o1, u.data());
+        gemv_rows(iu, W[5], o0, o1, u.data());
         for (int64_t r = o0; r < o1; r++) {
           const float gr = rnd<T>(g[r]);
           g[r] = rnd<T>(rnd<T>(gr / (1.0f + std::exp(-gr))) * rnd<T>(u[r]));
