@@ -17,7 +17,8 @@ and they differ in where the codes are unpacked:
   against it (tests/test_kernels.py).
 - "gemv": kernels_cpu.cpp, built with the system's C++ compiler on first use: one pass over the packed
   codes for up to GEMV_MAX_M rows of x, any bit width, float32 accumulation, PyTorch's threads over the
-  output rows. Decode and the one-token forward, where reading the weights is the whole cost. It is an
+  output rows. float32 inputs are float32 math; bfloat16 inputs of 2/4/8-bit layers are read as 16-bit
+  fixed point per block of x (exact for bf16 values within 2^-7 of the block's largest), integer products. Decode and the one-token forward, where reading the weights is the whole cost. It is an
   opaque operator, so a torch.compile'd decode step (generate.py) calls the same kernel.
 - "compiled": `scales * q` dequantized a chunk of rows at a time inside a torch.compile graph, then the
   BLAS matmul, plus the bias term from the group sums (prefill, evaluation, training). "eager" is the same
@@ -27,7 +28,7 @@ and they differ in where the codes are unpacked:
 
 "auto" (QuantLinear's default; `choose_impl` says what it picks), first rule that applies:
     CUDA and triton importable                  -> triton
-    M <= GEMV_MAX_M rows and the gemv is built  -> gemv      (float32 math for any input dtype)
+    M <= GEMV_MAX_M rows and the gemv is built  -> gemv      (float32 math for float32 inputs)
     bfloat16 input and the layer fits native    -> native    (the caller chose bf16 precision)
     out * in >= COMPILE_MIN_NUMEL               -> compiled
     otherwise                                   -> eager
@@ -281,9 +282,11 @@ def decode_step(h, packed, cos, sin, pos, n_heads, eps):
 
 
 def gemv_codes(x2, qweight, scales, biases, bits, group_size):
-    """x2 [M <= GEMV_MAX_M, in] @ the packed codes' weights^T -> [M, out] in float32, one pass over them."""
-    return torch.ops.qalora.gemv(x2.float().contiguous(), qweight, scales.float().contiguous(),
-                                 biases.float().contiguous(), bits, group_size)
+    """x2 [M <= GEMV_MAX_M, in] @ the packed codes' weights^T -> [M, out] in float32, one pass over them.
+    float32 x2 is exact float32 math; bfloat16 x2 is read as 16-bit fixed point (kernels_cpu.cpp's lane rows)."""
+    x2 = x2.contiguous() if x2.dtype == torch.bfloat16 else x2.float().contiguous()
+    return torch.ops.qalora.gemv(x2, qweight, scales.float().contiguous(), biases.float().contiguous(), bits,
+                                 group_size)
 
 
 def gemv(x2, layer):

@@ -97,17 +97,47 @@ inline void prefetch_ahead(const uint8_t* q, int64_t col, int bits, const float*
 }
 #endif
 
-#ifdef QALORA_AVX2
-// The lane row, for 2-, 4- and 8-bit codes (P = 32 / bits codes per 32-bit word). One 32-byte load holds
-// B = 8P columns as 8 words; word d holds columns P*d .. P*d + P-1 of the block. Masking all 8 words with
-// the bits of code t, (2^bits - 1) << bits*t, leaves q * 2^(bits*t) in every lane: converted to float that is
-// exact, and x is read pre-multiplied by 2^-(bits*t), so each product is exactly x * q, rounded as usual
-// (the top code, t = P-1, is a shift instead: the mask would take the sign bit). So 8 codes cost one AND,
-// one int-to-float conversion and one FMA, with no byte shuffles (which limited the byte-unpacking decode).
-// x is read in that order and scaling, made once per call (lane_order). Each lane's P columns lie in one
-// group, so the block's sum of x * q stays in lanes and one FMA per block applies the scales: one broadcast
-// scale when the block is inside one group (G a multiple of B), or the block's B/G scales spread over the
-// lanes they cover (B a multiple of G). The bias term sum_g biases[g] * xsum[g] is a dot product over groups.
+// Checks one quantized linear's tensors against an input width K.
+void check_linear(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& biases, int64_t K,
+                  int64_t bits, int64_t G) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous(),
+              "gemv: qweight must be uint8 [N, packed]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && biases.scalar_type() == at::kFloat && scales.is_contiguous() &&
+              biases.is_contiguous(), "gemv: scales and biases must be contiguous f32");
+  TORCH_CHECK(bits >= 1 && bits <= 8 && G >= 1, "gemv: bits must be 1..8 and the group size positive");
+  const int64_t N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == (K * bits + 7) / 8 && scales.dim() == 2 && scales.size(0) == N &&
+              biases.sizes() == scales.sizes() && scales.size(1) == (K + G - 1) / G, "gemv: shapes do not match");
+}
+
+// A checked quantized linear as pointers and sizes: N rows of K codes of `bits` bits, ng groups of G.
+struct Linear {
+  const uint8_t* q;
+  const float *s, *b;
+  int64_t N, K, row_bytes, ng, bits, G;
+  Linear(const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& bi, int64_t K_, int64_t bits_, int64_t G_)
+      : q(qw.data_ptr<uint8_t>()), s(sc.data_ptr<float>()), b(bi.data_ptr<float>()), N(qw.size(0)), K(K_),
+        row_bytes(qw.size(1)), ng(sc.size(1)), bits(bits_), G(G_) {}
+};
+
+// The lane rows, for 2-, 4- and 8-bit codes (P = 32 / bits codes per 32-bit word). One 32-byte load holds
+// B = 8P columns as 8 words; word d holds columns P*d .. P*d + P-1 of the block. Each lane's P columns lie in
+// one group, so the block's sum of x * q stays in lanes and one FMA per block applies the scales: one
+// broadcast scale when the block is inside one group (G a multiple of B), or the block's B/G scales spread
+// over the lanes they cover (B a multiple of G). The bias term sum_g biases[g] * xsum[g] is a dot product
+// over groups. Two ways to form the block's sum of x * q, no byte shuffles in either:
+//
+// - float32 x (rows_lanes): masking all 8 words with the bits of code t, (2^bits - 1) << bits*t, leaves
+//   q * 2^(bits*t) in every lane: converted to float that is exact, and x is read pre-multiplied by
+//   2^-(bits*t), so each product is exactly x * q, rounded as usual (the top code is a shift instead: the
+//   mask would take the sign bit). 8 codes cost one AND, one int-to-float conversion and one FMA.
+// - bfloat16 x (rows_fixed): x as 16-bit integers n with one power-of-two factor f per block (x ~ f * n,
+//   |n| < 2^15), and the codes in 16-bit lanes (P/2 a lane, code t masked to q * 2^(bits*t) as above):
+//   one integer multiply-add (vpmaddwd) gives q * n for 16 codes, summed in pairs into the 32-bit lanes,
+//   exact; shifted right by bits*t (exact: a multiple of 2^(bits*t)) and added, then one conversion and one
+//   FMA per block. About half the vector instructions of the float row. A bf16 value has 8 significant bits,
+//   so n holds every element within 2^-7 of its block's largest exactly; smaller ones are rounded to
+//   2^-15 of the largest (an error at most that of rounding a 2^-7-of-the-largest element to bf16).
 inline bool lanes_ok(int64_t bits, int64_t K, int64_t G) {
   if (bits != 2 && bits != 4 && bits != 8) return false;
   const int64_t P = 32 / bits, B = 8 * P;
@@ -126,31 +156,106 @@ inline void lane_order(const float* x, int64_t M, int64_t K, int64_t bits, float
         for (int64_t d = 0; d < 8; d++) out[m * K + j + 8 * t + d] = x[m * K + j + P * d + t] * f[t];
 }
 
-// Rows [o0, o1) of the output for M rows of x; the per-call setup is made once for all of them.
+// x [M, K] -> n [M, K] int16 in 16-bit lane order and f [M, K / B], x ~ f * n per block of B = 8P columns:
+// n[16t + l] = round(x[P/2 * l + t] / f), f the power of two that puts the block's largest |x| in [2^14, 2^15).
+inline void fixed_order(const float* x, int64_t M, int64_t K, int64_t bits, int16_t* n, float* f) {
+  const int64_t H = 16 / bits, B = 16 * H;  // H codes per 16-bit lane
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t j = 0; j < K; j += B) {
+      const float* xb = x + m * K + j;
+      float mx = 0.f;
+      for (int64_t i = 0; i < B; i++) mx = std::max(mx, std::fabs(xb[i]));
+      int e = 0;
+      std::frexp(mx, &e);  // mx < 2^e (mx = 0: e = 0)
+      const float up = std::ldexp(1.0f, 15 - e);
+      f[(m * K + j) / B] = std::ldexp(1.0f, e - 15);
+      for (int64_t t = 0; t < H; t++)
+        for (int64_t l = 0; l < 16; l++)
+          n[m * K + j + 16 * t + l] = int16_t(std::min(32767.f, std::max(-32767.f, std::nearbyint(xb[H * l + t] * up))));
+    }
+}
+
+// M rows of x as a linear's rows read them: their per-group sums (for the bias term) and, for the lane rows,
+// x in lane order (float32) or as 16-bit fixed point (`fixed`: the caller's activations are bfloat16).
+// Buffers are kept between set() calls.
+struct Input {
+  const float* x = nullptr;
+  int64_t M = 0, K = 0, bits = 0, G = 0;
+  bool lanes = false, fixed = false;
+  std::vector<float> xsum, xl, xf;
+  std::vector<int16_t> xn;
+  void set(const float* x_, int64_t M_, const Linear& L, bool fixed_) {
+    x = x_, M = M_, K = L.K, bits = L.bits, G = L.G;
+    xsum.assign(M * L.ng, 0.f);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t g = 0; g < L.ng; g++)
+        for (int64_t i = g * L.G; i < std::min(L.K, g * L.G + L.G); i++) xsum[m * L.ng + g] += x[m * L.K + i];
+#ifdef QALORA_AVX2
+    lanes = lanes_ok(L.bits, L.K, L.G);
+    fixed = lanes && fixed_;
+    if (fixed) xn.resize(M * L.K), xf.resize(M * L.K * L.bits / 256), fixed_order(x, M, L.K, L.bits, xn.data(), xf.data());
+    else if (lanes) xl.resize(M * L.K), lane_order(x, M, L.K, L.bits, xl.data());
+#endif
+  }
+};
+
+// Does `in` (made for another linear from the same x) serve L as it is?
+inline bool same_input(const Input& in, const Linear& L) { return in.K == L.K && in.bits == L.bits && in.G == L.G; }
+
+#ifdef QALORA_AVX2
+// What the lane rows share: the block's group bookkeeping and scales, and the row's bias term.
+struct Blocks {
+  int64_t nsc, per_group, step, pf_groups;
+  __m256i vidx;  // B a multiple of G: lane d is in the block's group d*P/G
+  Blocks(int P, int64_t G) {
+    const int64_t B = 8 * P;
+    const bool one_group = G % B == 0;
+    nsc = one_group ? 1 : B / G;  // the scales one block reads: 1, 2, 4 or 8
+    alignas(32) int32_t idx[8];
+    for (int d = 0; d < 8; d++) idx[d] = one_group ? 0 : d * P / G;
+    vidx = _mm256_load_si256((const __m256i*)idx);
+    // the block's first group g advances without a division: by B/G a block, or by 1 every G/B blocks
+    per_group = one_group ? G / B : 1, step = one_group ? 1 : B / G, pf_groups = PF_COLS / G;
+  }
+  // the block's scales, spread over the lanes they cover; each load reads exactly nsc floats
+  __m256 scales(const float* s) const {
+    return nsc == 1 ? _mm256_broadcast_ss(s)
+         : nsc == 2 ? _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double*)s)), vidx)
+         : nsc == 4 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s)), vidx)
+                    : _mm256_loadu_ps(s);
+  }
+};
+
+// tot's lanes plus the bias term sum_g biases[g] * xsum[g]
+inline float row_total(__m256 tot, const float* bo, const float* xsum, int64_t ng) {
+  __m256 bt = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= ng; g += 8) bt = _mm256_fmadd_ps(_mm256_loadu_ps(bo + g), _mm256_loadu_ps(xsum + g), bt);
+  float rest = 0.f;
+  for (; g < ng; g++) rest += bo[g] * xsum[g];
+  return rest + hsum(_mm256_add_ps(tot, bt));
+}
+
+// Rows [o0, o1) of y for M rows of x from row m0 of `in` (float32 x in lane order).
 template <int BITS, int M>
-void rows_lanes(const float* xl, int64_t K, const float* xsum, const uint8_t* q, int64_t row_bytes,
-                const float* scales, const float* biases, int64_t ng, int64_t G, int64_t o0, int64_t o1,
-                float* y, int64_t N) {
+void rows_lanes(const Input& in, int64_t m0, const Linear& L, int64_t o0, int64_t o1, float* y) {
   constexpr int P = 32 / BITS, B = 8 * P;
-  const bool one_group = G % B == 0;
-  const int64_t nsc = one_group ? 1 : B / G;  // the scales one block reads: 1, 2, 4 or 8
-  alignas(32) int32_t idx[8];  // B a multiple of G: lane d is in the block's group d*P/G
-  for (int d = 0; d < 8; d++) idx[d] = one_group ? 0 : d * P / G;
-  const __m256i vidx = _mm256_load_si256((const __m256i*)idx);
+  const Blocks bk(P, L.G);
+  const int64_t K = L.K, ng = L.ng;
+  const float* xl = in.xl.data() + m0 * K;
   __m256i mask[P];  // code t's bits in every lane
   for (int t = 0; t < P; t++) mask[t] = _mm256_set1_epi32(int32_t(((1u << BITS) - 1) << (BITS * t)));
-  // the block's first group g, advanced without a division: by B/G a block, or by 1 every G/B blocks
-  const int64_t pf_groups = PF_COLS / G, per_group = one_group ? G / B : 1, step = one_group ? 1 : B / G;
   for (int64_t o = o0; o < o1; o++) {
-    const uint8_t* qo = q + o * row_bytes;
-    const float *so = scales + o * ng, *bo = biases + o * ng;
+    const uint8_t* qo = L.q + o * L.row_bytes;
+    const float *so = L.s + o * ng, *bo = L.b + o * ng;
     __m256 tot[M];
     for (int m = 0; m < M; m++) tot[m] = _mm256_setzero_ps();
     for (int64_t j = 0, g = 0, k = 0; j < K; j += B) {
-      if ((j & 255) == 0) prefetch_ahead(qo, j, BITS, so + g, bo + g, pf_groups);
+      if ((j & 255) == 0) prefetch_ahead(qo, j, BITS, so + g, bo + g, bk.pf_groups);
       const __m256i raw = _mm256_loadu_si256((const __m256i*)(qo + j / 8 * BITS));
       constexpr int A = M == 1 ? 2 : 1;  // FMA chains per row of x (more rows are more chains)
       __m256 acc[M][A];
+#pragma GCC unroll 16
       for (int t = 0; t < P; t++) {  // code t of each lane, times 2^(bits*t)
         const __m256i ct = t < P - 1 ? _mm256_and_si256(raw, mask[t]) : _mm256_srli_epi32(raw, BITS * t);
         const __m256 c = _mm256_cvtepi32_ps(ct);
@@ -159,27 +264,51 @@ void rows_lanes(const float* xl, int64_t K, const float* xsum, const uint8_t* q,
           acc[m][t % A] = t < A ? _mm256_mul_ps(c, xv) : _mm256_fmadd_ps(c, xv, acc[m][t % A]);
         }
       }
-      // the block's scales, spread over the lanes they cover; each load reads exactly nsc floats
-      const __m256 sv = nsc == 1 ? _mm256_broadcast_ss(so + g)
-                      : nsc == 2 ? _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double*)(so + g))), vidx)
-                      : nsc == 4 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(so + g)), vidx)
-                                 : _mm256_loadu_ps(so + g);
+      const __m256 sv = bk.scales(so + g);
       for (int m = 0; m < M; m++) tot[m] = _mm256_fmadd_ps(sv, A == 1 ? acc[m][0] : _mm256_add_ps(acc[m][0], acc[m][A - 1]), tot[m]);
-      if (++k == per_group) k = 0, g += step;
+      if (++k == bk.per_group) k = 0, g += bk.step;
     }
-    for (int m = 0; m < M; m++) {
-      __m256 bt = _mm256_setzero_ps();
-      int64_t g = 0;
-      for (; g + 8 <= ng; g += 8)
-        bt = _mm256_fmadd_ps(_mm256_loadu_ps(bo + g), _mm256_loadu_ps(xsum + m * ng + g), bt);
-      float rest = 0.f;
-      for (; g < ng; g++) rest += bo[g] * xsum[m * ng + g];
-      y[m * N + o] = rest + hsum(_mm256_add_ps(tot[m], bt));
+    for (int m = 0; m < M; m++) y[m * L.N + o] = row_total(tot[m], bo, in.xsum.data() + (m0 + m) * ng, ng);
+  }
+}
+
+// The same rows for x as 16-bit fixed point (in.fixed).
+template <int BITS, int M>
+void rows_fixed(const Input& in, int64_t m0, const Linear& L, int64_t o0, int64_t o1, float* y) {
+  constexpr int P = 32 / BITS, B = 8 * P, H = P / 2;  // H codes per 16-bit lane
+  const Blocks bk(P, L.G);
+  const int64_t K = L.K, ng = L.ng, nb = K / B;
+  const int16_t* xn = in.xn.data() + m0 * K;
+  const float* xf = in.xf.data() + m0 * nb;
+  __m256i mask[H];
+  for (int t = 0; t < H; t++) mask[t] = _mm256_set1_epi16(int16_t(((1u << BITS) - 1) << (BITS * t)));
+  for (int64_t o = o0; o < o1; o++) {
+    const uint8_t* qo = L.q + o * L.row_bytes;
+    const float *so = L.s + o * ng, *bo = L.b + o * ng;
+    __m256 tot[M];
+    for (int m = 0; m < M; m++) tot[m] = _mm256_setzero_ps();
+    for (int64_t j = 0, g = 0, k = 0, blk = 0; j < K; j += B, blk++) {
+      if ((j & 255) == 0) prefetch_ahead(qo, j, BITS, so + g, bo + g, bk.pf_groups);
+      const __m256i raw = _mm256_loadu_si256((const __m256i*)(qo + j / 8 * BITS));
+      __m256i acc[M];
+#pragma GCC unroll 16
+      for (int t = 0; t < H; t++) {  // code t of each 16-bit lane, times 2^(bits*t)
+        const __m256i ct = t < H - 1 ? _mm256_and_si256(raw, mask[t]) : _mm256_srli_epi16(raw, BITS * t);
+        for (int m = 0; m < M; m++) {
+          __m256i p = _mm256_madd_epi16(ct, _mm256_loadu_si256((const __m256i*)(xn + m * K + j + 16 * t)));
+          if (t > 0 && t < H - 1) p = _mm256_srai_epi32(p, BITS * t);
+          acc[m] = t == 0 ? p : _mm256_add_epi32(acc[m], p);
+        }
+      }
+      const __m256 sv = bk.scales(so + g);
+      for (int m = 0; m < M; m++)
+        tot[m] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_broadcast_ss(xf + m * nb + blk)), _mm256_cvtepi32_ps(acc[m]), tot[m]);
+      if (++k == bk.per_group) k = 0, g += bk.step;
     }
+    for (int m = 0; m < M; m++) y[m * L.N + o] = row_total(tot[m], bo, in.xsum.data() + (m0 + m) * ng, ng);
   }
 }
 #endif
-
 
 // One output row for M rows of x (M a compile-time constant, so the accumulators stay in registers). The
 // decoded codes are multiplied by their group's scale once and then into A independent accumulators per row
@@ -240,52 +369,6 @@ void row(const float* x, int64_t K, const float* xsum, const uint8_t* q, int64_t
   }
 }
 
-// Checks one quantized linear's tensors against an input width K.
-void check_linear(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& biases, int64_t K,
-                  int64_t bits, int64_t G) {
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous(),
-              "gemv: qweight must be uint8 [N, packed]");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && biases.scalar_type() == at::kFloat && scales.is_contiguous() &&
-              biases.is_contiguous(), "gemv: scales and biases must be contiguous f32");
-  TORCH_CHECK(bits >= 1 && bits <= 8 && G >= 1, "gemv: bits must be 1..8 and the group size positive");
-  const int64_t N = qweight.size(0);
-  TORCH_CHECK(qweight.size(1) == (K * bits + 7) / 8 && scales.dim() == 2 && scales.size(0) == N &&
-              biases.sizes() == scales.sizes() && scales.size(1) == (K + G - 1) / G, "gemv: shapes do not match");
-}
-
-// A checked quantized linear as pointers and sizes: N rows of K codes of `bits` bits, ng groups of G.
-struct Linear {
-  const uint8_t* q;
-  const float *s, *b;
-  int64_t N, K, row_bytes, ng, bits, G;
-  Linear(const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& bi, int64_t K_, int64_t bits_, int64_t G_)
-      : q(qw.data_ptr<uint8_t>()), s(sc.data_ptr<float>()), b(bi.data_ptr<float>()), N(qw.size(0)), K(K_),
-        row_bytes(qw.size(1)), ng(sc.size(1)), bits(bits_), G(G_) {}
-};
-
-// M rows of x as a linear's rows read them: their per-group sums (for the bias term) and, for the lane row,
-// x in lane order. Buffers are kept between set() calls.
-struct Input {
-  const float* x = nullptr;
-  int64_t M = 0, K = 0, bits = 0, G = 0;
-  bool lanes = false;
-  std::vector<float> xsum, xl;
-  void set(const float* x_, int64_t M_, const Linear& L) {
-    x = x_, M = M_, K = L.K, bits = L.bits, G = L.G;
-    xsum.assign(M * L.ng, 0.f);
-    for (int64_t m = 0; m < M; m++)
-      for (int64_t g = 0; g < L.ng; g++)
-        for (int64_t i = g * L.G; i < std::min(L.K, g * L.G + L.G); i++) xsum[m * L.ng + g] += x[m * L.K + i];
-#ifdef QALORA_AVX2
-    lanes = lanes_ok(L.bits, L.K, L.G);
-    if (lanes) xl.resize(M * L.K), lane_order(x, M, L.K, L.bits, xl.data());
-#endif
-  }
-};
-
-// Does `in` (made for another linear from the same x) serve L as it is?
-inline bool same_input(const Input& in, const Linear& L) { return in.K == L.K && in.bits == L.bits && in.G == L.G; }
-
 // Output rows [o0, o1) of y [M, N] = x @ w~^T.
 template <int M>
 void rows_of(const Input& in, const Linear& L, int64_t o0, int64_t o1, float* y) {
@@ -295,12 +378,11 @@ void rows_of(const Input& in, const Linear& L, int64_t o0, int64_t o1, float* y)
     // rereads 16 rows' codes from L1
     const auto run = [&](auto bits_const) {
       constexpr int BITS = decltype(bits_const)::value, M1 = M < 4 ? M : 4;
+      const auto pass = in.fixed ? rows_fixed<BITS, M1> : rows_lanes<BITS, M1>;
       for (int64_t a = o0; a < o1; a += 16) {
         const int64_t b = std::min(a + 16, o1);
-        rows_lanes<BITS, M1>(in.xl.data(), L.K, in.xsum.data(), L.q, L.row_bytes, L.s, L.b, L.ng, L.G, a, b, y, L.N);
-        if constexpr (M > 4)
-          rows_lanes<BITS, M - 4>(in.xl.data() + 4 * L.K, L.K, in.xsum.data() + 4 * L.ng, L.q, L.row_bytes, L.s,
-                                  L.b, L.ng, L.G, a, b, y + 4 * L.N, L.N);
+        pass(in, 0, L, a, b, y);
+        if constexpr (M > 4) (in.fixed ? rows_fixed<BITS, M - 4> : rows_lanes<BITS, M - 4>)(in, 4, L, a, b, y + 4 * L.N);
       }
     };
     if (L.bits == 2) run(std::integral_constant<int, 2>());
@@ -330,15 +412,19 @@ void gemv_rows(const Input& in, const Linear& L, int64_t o0, int64_t o1, float* 
   }
 }
 
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+// y [M, N] float32 = x [M, K] @ w~^T; x float32, or bfloat16 (read as 16-bit fixed point by the lane rows)
+at::Tensor gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales,
                 const at::Tensor& biases, int64_t bits, int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "gemv: x must be f32 [M, K]");
-  TORCH_CHECK(x.size(0) <= MAX_M, "gemv: at most ", MAX_M, " rows, got ", x.size(0));
-  check_linear(qweight, scales, biases, x.size(1), bits, group_size);
+  const bool bf16 = x_.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x_.dim() == 2 && (x_.scalar_type() == at::kFloat || bf16) && x_.is_contiguous(),
+              "gemv: x must be contiguous f32 or bf16 [M, K]");
+  TORCH_CHECK(x_.size(0) <= MAX_M, "gemv: at most ", MAX_M, " rows, got ", x_.size(0));
+  check_linear(qweight, scales, biases, x_.size(1), bits, group_size);
+  const at::Tensor x = x_.to(at::kFloat);
   at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
   const Linear L(qweight, scales, biases, x.size(1), bits, group_size);
   Input in;
-  in.set(x.data_ptr<float>(), x.size(0), L);
+  in.set(x.data_ptr<float>(), x.size(0), L, bf16);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, L.N, 16, [&](int64_t begin, int64_t end) { gemv_rows(in, L, begin, end, yp); });
   return y;
@@ -354,8 +440,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
 //
 // The linears are the gemv above. T is the activations' storage type (float or bfloat16): values are rounded
 // to T where model.py's ops store them (after each norm, linear, rope, attention, product and residual
-// sum), the arithmetic is fp32. The whole stack runs in one parallel region: the threads share each linear's
-// rows (q, k and v as one list, gate and up side by side), then the heads; between them a barrier. The small
+// sum), the arithmetic is fp32 (bf16: the gemv's fixed-point rows). The whole stack runs in one parallel
+// region: the threads share each linear's rows, each a contiguous run of them (one sequential stream per
+// thread, which the prefetchers follow; q, k and v as one list, gate and up side by side), then the heads;
+// between them a barrier. The small
 // serial parts (norms, residual sums) every thread computes for itself, identically. generate.py calls this
 // once per token: a call per block (or a compiled graph per block) costs more in Python, dispatch and
 // thread wake-ups than the block's arithmetic besides the linears.
@@ -428,6 +516,7 @@ void decode_step_impl(const at::Tensor& h, at::TensorList norms, at::TensorList 
   const T *hp = h.data_ptr<T>(), *cp = cos.data_ptr<T>(), *sp = sin.data_ptr<T>();
   const float scale = 1.0f / std::sqrt(float(hd));
   const auto chunks = [](int64_t n) { return (n + CH - 1) / CH; };
+  constexpr bool fixed = std::is_same<T, c10::BFloat16>::value;  // bf16 activations: the 16-bit fixed-point rows
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> x(dim), a(dim), p(pos + 1), qh(hd), kh(hd);
@@ -437,12 +526,12 @@ void decode_step_impl(const at::Tensor& h, at::TensorList norms, at::TensorList 
       const Linear* W = lins.data() + 7 * l;
       T *ck = caches[2 * l].data_ptr<T>(), *cv = caches[2 * l + 1].data_ptr<T>();  // [1, KV, S, hd], row 0
       rmsnorm<T>(x.data(), norms[2 * l].data_ptr<T>(), dim, eps, a.data());
-      in[0].set(a.data(), 1, W[0]);  // k and v read a the way q does (same bits and groups), else their own
-      const Input& ik = same_input(in[0], W[1]) ? in[0] : (in[1].set(a.data(), 1, W[1]), in[1]);
-      const Input& iv = same_input(in[0], W[2]) ? in[0] : (in[2].set(a.data(), 1, W[2]), in[2]);
+      in[0].set(a.data(), 1, W[0], fixed);  // k and v read a the way q does (same bits and groups), else their own
+      const Input& ik = same_input(in[0], W[1]) ? in[0] : (in[1].set(a.data(), 1, W[1], fixed), in[1]);
+      const Input& iv = same_input(in[0], W[2]) ? in[0] : (in[2].set(a.data(), 1, W[2], fixed), in[2]);
       const Input* qkv_in[3] = {&in[0], &ik, &iv};
       const int64_t cq = chunks(W[0].N), ckv = chunks(W[1].N);
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(static)
       for (int64_t c = 0; c < cq + 2 * ckv; c++) {  // the rows of q, k and v as one list
         const int i = c < cq ? 0 : c < cq + ckv ? 1 : 2;
         const int64_t o0 = (c - (i == 0 ? 0 : cq + (i - 1) * ckv)) * CH, o1 = std::min(o0 + CH, W[i].N);
@@ -473,14 +562,14 @@ void decode_step_impl(const at::Tensor& h, at::TensorList norms, at::TensorList 
         axpy(p[pos] / tot, vj, yh, hd);
         for (int64_t i = 0; i < hd; i++) yh[i] = rnd<T>(yh[i]);
       }
-      in[0].set(y.data(), 1, W[3]);
-#pragma omp for schedule(dynamic)
+      in[0].set(y.data(), 1, W[3], fixed);
+#pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks(dim); c++) gemv_rows(in[0], W[3], c * CH, std::min(c * CH + CH, dim), o.data());
       for (int64_t i = 0; i < dim; i++) x[i] = rnd<T>(x[i] + rnd<T>(o[i]));  // h1
       rmsnorm<T>(x.data(), norms[2 * l + 1].data_ptr<T>(), dim, eps, a.data());
-      in[0].set(a.data(), 1, W[4]);
-      const Input& iu = same_input(in[0], W[5]) ? in[0] : (in[1].set(a.data(), 1, W[5]), in[1]);
-#pragma omp for schedule(dynamic)
+      in[0].set(a.data(), 1, W[4], fixed);
+      const Input& iu = same_input(in[0], W[5]) ? in[0] : (in[1].set(a.data(), 1, W[5], fixed), in[1]);
+#pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks(hidden); c++) {  // gate and up rows side by side, then silu(gate) * up
         const int64_t o0 = c * CH, o1 = std::min(o0 + CH, hidden);
         gemv_rows(in[0], W[4], o0, o1, g.data());
@@ -490,8 +579,8 @@ void decode_step_impl(const at::Tensor& h, at::TensorList norms, at::TensorList 
           g[r] = rnd<T>(rnd<T>(gr / (1.0f + std::exp(-gr))) * rnd<T>(u[r]));
         }
       }
-      in[0].set(g.data(), 1, W[6]);
-#pragma omp for schedule(dynamic)
+      in[0].set(g.data(), 1, W[6], fixed);
+#pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks(dim); c++) gemv_rows(in[0], W[6], c * CH, std::min(c * CH + CH, dim), o.data());
       for (int64_t i = 0; i < dim; i++) x[i] = rnd<T>(x[i] + rnd<T>(o[i]));
       // no barrier: the next write to o (the next block's o projection) is two barriers away

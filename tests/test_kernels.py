@@ -158,6 +158,34 @@ def test_gemv_takes_bf16_inputs_and_refuses_many_rows():
 
 
 @needs_gemv
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("shape", [(40, 256, 32), (16, 512, 128), (24, 576, 64), (8, 256, 16)])
+def test_gemv_bf16_fixed_point_rows(bits, shape):
+    """bf16 inputs of 2/4/8-bit layers go through the 16-bit fixed-point rows: every bf16 value within 2^-7 of its
+    block's largest is exact, smaller ones are rounded to 2^-15 of the largest. Checked against float64 on x as
+    given, and on a block with a wide range (a spike beside values down to 2^-30) against the stated bound."""
+    out_f, in_f, gs = shape
+    q = torch.randint(0, 2 ** bits, (out_f, in_f), dtype=torch.uint8)
+    ng = len(quant.group_sizes(in_f, gs))
+    s, b = torch.rand(out_f, ng) + 0.1, torch.randn(out_f, ng)
+    w = kernels.dequantize(q, s, b, gs).double()
+    B = 256 // bits  # columns per block of the fixed-point rows
+    for M in (1, 3, 6):
+        x = torch.randn(M, in_f).bfloat16()
+        y = kernels.gemv_codes(x, quant.pack(q, bits), s, b, bits, gs)
+        y_ref = x.double() @ w.T
+        assert rel(y, y_ref) < 2e-5, (bits, shape, M, rel(y, y_ref))
+    x = torch.randn(1, in_f) * 2.0 ** -torch.randint(0, 31, (1, in_f))  # magnitudes from 1 down to 2^-30
+    x[0, ::B] = 4.0  # each block's largest
+    x = x.bfloat16()
+    y = kernels.gemv_codes(x, quant.pack(q, bits), s, b, bits, gs).double()
+    xd = x.double()
+    # the bound: per element 2^-15 of its block's largest (4.0 -> 2^-13) times |w| where rounding applies
+    bound = (2.0 ** -13 * w.abs().sum(1)).max().item() + 1e-5 * (xd @ w.T).abs().max().item()
+    assert (y - xd @ w.T).abs().max().item() <= bound
+
+
+@needs_gemv
 def test_gemv_runs_inside_a_compiled_graph():
     """The op is opaque to torch.compile (a fake impl gives its shape): the compiled decode step calls it."""
     layer = make_layer(48, 96, 32, 4)
