@@ -5,7 +5,7 @@ Kernel and step benchmarks, in one process: a table, then one JSON line.
     python bench.py --quick         # the targets only: 4096x4096, M in {1,16}, bits 2/3/4, group 32, one step
     python bench.py --shapes 576x1536 --m 1 --bits 4 --groups 32 --no-step --no-decode
     python bench.py --block 7b      # one 7B-wide block, one token: plain model(x), fp32 vs 4-bit, vs streaming GB/s
-    python bench.py --vs-llamacpp --threads 2   # decode of the embedded Q4_1, then llama.cpp on the same file
+    python bench.py --vs-llamacpp --threads 2   # decode of the embedded Q4_1, ours and llama.cpp in turn
     python bench.py --vs-peft       # a QA-LoRA training step vs transformers + PEFT fp32 LoRA (if installed)
     python bench.py --scale llama-8b            # training and decode at Llama-3.1-8B shapes, random 4-bit codes
 
@@ -281,6 +281,19 @@ def median_time(fn, n=15, warmup=3):
     return statistics.median(_wall(fn) for _ in range(n))
 
 
+def interleaved(fns, n=15, warmup=3):
+    """{name: median seconds} of n calls of each fn, called in turn (A B C A B C ...), so that every side sees the
+    same machine: on a shared VM the speed of memory and of the second core moves within seconds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(n):
+        for name, fn in fns.items():
+            times[name].append(_wall(fn))
+    return {name: statistics.median(t) for name, t in times.items()}, times
+
+
 def model_bytes(model):
     """Bytes of every parameter and buffer (weights as they are stored: codes, scales, biases or floats)."""
     seen, n = set(), 0
@@ -297,54 +310,72 @@ def model_bytes(model):
 def bench_block(args, out):
     margs = ModelArgs(dim=4096, n_layers=1, n_heads=32, n_kv_heads=32, vocab_size=32, hidden_dim=11008)
     torch.manual_seed(0)
-    model = Transformer(margs).eval()
+    fp32 = Transformer(margs).eval()
     x = torch.zeros(1, 1, dtype=torch.long)
+    fp32_bytes = sum(m.weight.numel() * 4 for m in fp32.layers[0].modules() if isinstance(m, nn.Linear))
+    q4 = copy.deepcopy(fp32)
+    quant.quantize_model(q4, 4, 32, progress=False)
+    q_bytes = sum(m.qweight.numel() + 8 * m.scales.numel() for m in q4.modules() if isinstance(m, quant.QuantLinear))
+    impl = kernels.choose_impl(torch.zeros(1, 4096), q4.layers[0].mlp.down_proj)
     with torch.no_grad():
-        t_fp32 = median_time(lambda: model(x))
-        fp32_bytes = sum(m.weight.numel() * 4 for m in model.layers[0].modules() if isinstance(m, nn.Linear))
-        quant.quantize_model(model, 4, 32, progress=False)
-        q_bytes = sum(m.qweight.numel() + 8 * m.scales.numel() for m in model.modules()
-                      if isinstance(m, quant.QuantLinear))
-        impl = kernels.choose_impl(torch.zeros(1, 4096), model.layers[0].mlp.down_proj)
-        t_q = median_time(lambda: model(x))
+        med, times = interleaved({"fp32": lambda: fp32(x), "4-bit": lambda: q4(x)})
+    t_fp32, t_q = med["fp32"], med["4-bit"]
+    ratios = sorted(a / b for a, b in zip(times["fp32"], times["4-bit"]))
     stream = stream_gbps()
     out.update(block_fp32_ms=t_fp32 * 1e3, block_4bit_ms=t_q * 1e3, block_ratio=t_fp32 / t_q,
-               block_fp32_gbps=fp32_bytes / t_fp32 / 1e9, block_4bit_gbps=q_bytes / t_q / 1e9, stream_gbps=stream,
-               block_impl=impl)
-    print(f"block 7b (4096/11008, one token, plain model(x), {torch.get_num_threads()} threads, median of 15): "
-          f"fp32 {t_fp32 * 1e3:.2f} ms ({fp32_bytes / t_fp32 / 1e9:.1f} GB/s), 4-bit g32 ({impl}) {t_q * 1e3:.2f} ms "
-          f"({q_bytes / t_q / 1e9:.1f} GB/s of codes+scales+biases, {q_bytes / t_q / 1e9 / stream:.0%} of the "
-          f"{stream:.1f} GB/s streaming read): {t_fp32 / t_q:.2f}x fp32", flush=True)
+               block_ratio_pairs=(ratios[0], ratios[-1]), block_fp32_gbps=fp32_bytes / t_fp32 / 1e9,
+               block_4bit_gbps=q_bytes / t_q / 1e9, stream_gbps=stream, block_impl=impl)
+    print(f"block 7b (4096/11008, one token, plain model(x), {torch.get_num_threads()} threads, median of 15 calls "
+          f"each, fp32 and 4-bit in turn): fp32 {t_fp32 * 1e3:.2f} ms ({fp32_bytes / t_fp32 / 1e9:.1f} GB/s), 4-bit g32 "
+          f"({impl}) {t_q * 1e3:.2f} ms ({q_bytes / t_q / 1e9:.1f} GB/s of codes+scales+biases, "
+          f"{q_bytes / t_q / 1e9 / stream:.0%} of the {stream:.1f} GB/s streaming read): {t_fp32 / t_q:.2f}x fp32 "
+          f"(call pairs {ratios[0]:.2f}-{ratios[-1]:.2f}x)", flush=True)
 
 
 # -----------------------------------------------------------------------------
-# --vs-llamacpp: decode of the embedded Q4_1 file, ours (bf16 and fp32 activations) then llama.cpp's
+# --vs-llamacpp: decode of the embedded Q4_1 file, ours (bf16 and fp32 activations) and llama.cpp in turn
+
+LLAMACPP_ROUNDS = 5
+
 
 def bench_vs_llamacpp(args, out):
     path = embedded_model_path()
     n, prompt = args.decode_tokens, [1] + list(range(100, 107))
+    sides = {}
     for name, dtype in (("ours bf16 act", torch.bfloat16), ("ours fp32 act", torch.float32)):
         model = Transformer.from_pretrained(path, dtype=dtype, keep_quantized=True)
         generate(model, prompt, 8, compile=True)  # warm-up: compiles
-        out[name] = best_rate(lambda model=model: len(generate(model, prompt, n, compile=True)))
-        out[name + " GB/s"] = weight_bytes(model) * out[name] / 1e9
-        print(f"decode {name:<16} {out[name]:8.1f} tokens/s, {out[name + ' GB/s']:.1f} GB/s of weights "
-              f"({n} tokens, best of {DECODE_REPEATS})", flush=True)
-        del model
+        out[name + " GB/s per token/s"] = weight_bytes(model) / 1e9
+        sides[name] = lambda model=model: len(generate(model, prompt, n, compile=True))
     try:
         from llama_cpp import Llama
     except ImportError:
+        Llama = None
         print("decode llama.cpp: skipped (llama_cpp is not installed: see requirements-bench.txt)")
-        return
-    llm = Llama(model_path=path, n_threads=torch.get_num_threads(), n_ctx=512, verbose=False)
-    never_stop = {llm.token_eos(): -float("inf")}  # a fixed number of new tokens, as ours
-    run = lambda: llm(prompt, max_tokens=n, temperature=0.0, logit_bias=never_stop)["usage"]["completion_tokens"]  # noqa: E731
-    run()
-    out["llama.cpp"] = best_rate(run)
-    print(f"decode {'llama.cpp Q4_1':<16} {out['llama.cpp']:8.1f} tokens/s ({n} tokens, same file, same threads)")
-    for name in ("ours bf16 act", "ours fp32 act"):
-        out[f"{name} / llama.cpp"] = out[name] / out["llama.cpp"]
-        print(f"decode {name} / llama.cpp: {out[name] / out['llama.cpp']:.2f}x", flush=True)
+    if Llama is not None:
+        llm = Llama(model_path=path, n_threads=torch.get_num_threads(), n_ctx=512, verbose=False)
+        never_stop = {llm.token_eos(): -float("inf")}  # a fixed number of new tokens, as ours
+        sides["llama.cpp"] = lambda: llm(prompt, max_tokens=n, temperature=0.0,
+                                         logit_bias=never_stop)["usage"]["completion_tokens"]
+        sides["llama.cpp"]()  # warm-up
+    # the sides in turn, LLAMACPP_ROUNDS rounds: a round runs each side once (n new tokens)
+    rates = {name: [] for name in sides}
+    for _ in range(LLAMACPP_ROUNDS):
+        for name, run in sides.items():
+            t0 = time.perf_counter()
+            k = run()
+            rates[name].append(k / (time.perf_counter() - t0))
+    for name, r in rates.items():
+        out[name] = statistics.median(r)
+        gbs = f", {out[name] * out[name + ' GB/s per token/s']:.1f} GB/s of weights" if name.startswith("ours") else ""
+        print(f"decode {name:<16} {out[name]:8.1f} tokens/s{gbs} ({n} tokens, median of {LLAMACPP_ROUNDS} rounds, "
+              f"runs {min(r):.1f}-{max(r):.1f})", flush=True)
+    if "llama.cpp" in rates:
+        for name in ("ours bf16 act", "ours fp32 act"):
+            per_round = sorted(a / b for a, b in zip(rates[name], rates["llama.cpp"]))
+            out[f"{name} / llama.cpp"] = statistics.median(per_round)
+            print(f"decode {name} / llama.cpp: {out[name + ' / llama.cpp']:.2f}x (median of the rounds' ratios; "
+                  f"rounds {per_round[0]:.2f}-{per_round[-1]:.2f}x)", flush=True)
 
 
 # -----------------------------------------------------------------------------
