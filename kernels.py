@@ -29,7 +29,8 @@ and they differ in where the codes are unpacked:
 "auto" (QuantLinear's default; `choose_impl` says what it picks), first rule that applies:
     CUDA and triton importable                  -> triton
     M <= GEMV_MAX_M rows and the gemv is built  -> gemv      (float32 math for float32 inputs)
-    bfloat16 input and the layer fits native    -> native    (the caller chose bf16 precision)
+    bfloat16 input, the layer fits native, and  -> native    (the caller chose bf16 precision)
+      CUDA or a CPU with bf16 dot products
     out * in >= COMPILE_MIN_NUMEL               -> compiled
     otherwise                                   -> eager
 Float32 inputs never go through bfloat16 behind the caller's back: the exact merge is checked in fp32.
@@ -607,6 +608,16 @@ def triton_matmul(x2, layer):
 # -----------------------------------------------------------------------------
 # dispatch
 
+def cpu_has_bf16():
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX, as oneDNN sees it)? Without it PyTorch's
+    bf16 kernels convert in software and run slower than the float32 path (M=448 x 576x1536, AMD EPYC with
+    AVX2: native 24 ms, compiled 10-16 ms)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def choose_impl(x, layer):
     """What impl="auto" runs for this input and layer (the rules in the module docstring)."""
     M = x.numel() // x.shape[-1] if x.numel() else 0
@@ -614,7 +625,7 @@ def choose_impl(x, layer):
         return "triton"
     if M <= GEMV_MAX_M and x.device.type == "cpu" and gemv_available():
         return "gemv"
-    if x.dtype == torch.bfloat16 and native_supported(layer, x.device):
+    if x.dtype == torch.bfloat16 and native_supported(layer, x.device) and (x.device.type != "cpu" or cpu_has_bf16()):
         return "native"
     return "compiled" if layer.in_features * layer.out_features >= COMPILE_MIN_NUMEL else "eager"
 

@@ -48,7 +48,8 @@ def test_compiled_bf16_decode_within_tolerance(tiny_model_dir):
     model = load(tiny_model_dir, 4, 32, dtype=torch.bfloat16)
     ids = load_tokenizer(tiny_model_dir).encode("Once upon a time there was")
     x = torch.zeros(1, model.args.dim, dtype=torch.bfloat16)
-    assert kernels.choose_impl(x, model.layers[0].self_attn.q_proj) == ("gemv" if kernels.gemv_available() else "native")
+    if kernels.gemv_available():  # one-row bf16 steps read the codes with the gemv's fixed-point rows
+        assert kernels.choose_impl(x, model.layers[0].self_attn.q_proj) == "gemv"
     got, want = step_logits(model, ids, True), step_logits(model, ids, False)
     # inductor keeps fused bf16 intermediates in fp32, eager rounds each op: the two differ by bf16 rounding
     assert (got - want).norm() / want.norm() < 2e-2
