@@ -382,53 +382,58 @@ def bench_vs_llamacpp(args, out):
 # --vs-peft: one QA-LoRA training step on the embedded model's 4-bit codes against transformers + PEFT LoRA on
 # the same model dequantized to fp32: the same batch of [8 x 56] tokens, full-vocabulary loss, AdamW, rank 16
 
-def _step_time(step, steps):
-    step()  # warm-up: compiles, allocates the optimizer state
-    return statistics.median(_wall(step) for _ in range(steps))
-
-
 def bench_vs_peft(args, out, B=8, T=56, rank=16):
     path = embedded_model_path()
     torch.manual_seed(0)
     tokens = torch.randint(0, 49152, (B, T))
-    for dtype, key in ((torch.float32, "train ours s/step"), (torch.bfloat16, "train ours bf16 s/step")):
-        ours = Transformer.from_pretrained(path, dtype=dtype, keep_quantized=True)
-        params = add_adapters(ours, rank, 16.0, 0.05)
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        loss_fn = train.ResponseLoss(ours).train()
+    steps = {}  # name -> one optimizer step; the models live in the closures
 
-        def ours_step():
+    def ours(dtype):
+        model = Transformer.from_pretrained(path, dtype=dtype, keep_quantized=True)
+        opt = torch.optim.AdamW(add_adapters(model, rank, 16.0, 0.05), lr=1e-4)
+        loss_fn = train.ResponseLoss(model).train()
+
+        def step():
             (loss_fn(tokens, tokens) / (B * (T - 1))).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        out[key] = _step_time(ours_step, args.train_steps)
-        print(f"train QA-LoRA, 4-bit codes, {str(dtype)[6:]} activations  {out[key]:.3f} s/step ([{B}x{T}] "
-              f"tokens, median of {args.train_steps})", flush=True)
-        del ours, opt, loss_fn
+        return step
+    steps["ours fp32"] = ours(torch.float32)
+    steps["ours bf16"] = ours(torch.bfloat16)
     try:
         import peft
         import transformers
     except ImportError:
+        peft = transformers = None
         print("train transformers+PEFT: skipped (not installed: see requirements-bench.txt)")
-        return
-    with tempfile.TemporaryDirectory() as d:  # the same weights as an HF directory, dequantized to fp32
-        Transformer.from_pretrained(path, keep_quantized=False).save_pretrained(d)
-        hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
-    lora = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05,
-                                                   target_modules=list(qalora.TARGETS)))
-    lora.train()
-    popt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
+    if peft is not None:
+        with tempfile.TemporaryDirectory() as d:  # the same weights as an HF directory, dequantized to fp32
+            Transformer.from_pretrained(path, keep_quantized=False).save_pretrained(d)
+            hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
+        lora = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05,
+                                                       target_modules=list(qalora.TARGETS)))
+        lora.train()
+        popt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
 
-    def peft_step():
-        lora(input_ids=tokens, labels=tokens).loss.backward()
-        popt.step()
-        popt.zero_grad(set_to_none=True)
-    out["train peft s/step"] = _step_time(peft_step, args.train_steps)
-    out["train peft / ours"] = out["train peft s/step"] / out["train ours s/step"]
-    out["train peft / ours bf16"] = out["train peft s/step"] / out["train ours bf16 s/step"]
-    print(f"train transformers {transformers.__version__} + PEFT {peft.__version__} LoRA, fp32 "
-          f"{out['train peft s/step']:.3f} s/step: ours is {out['train peft / ours']:.2f}x faster with fp32 "
-          f"activations, {out['train peft / ours bf16']:.2f}x with bf16", flush=True)
+        def peft_step():
+            lora(input_ids=tokens, labels=tokens).loss.backward()
+            popt.step()
+            popt.zero_grad(set_to_none=True)
+        steps["peft"] = peft_step
+    # one warm-up step each (compiles, allocates the optimizer state), then the sides in turn
+    med, times = interleaved(steps, n=args.train_steps, warmup=1)
+    for name, t in med.items():
+        out[f"train {name} s/step"] = t
+    print(f"train QA-LoRA on the 4-bit codes, fp32 activations {med['ours fp32']:.3f} s/step, bf16 activations "
+          f"{med['ours bf16']:.3f} s/step ([{B}x{T}] tokens, median of {args.train_steps} steps each, the sides in "
+          f"turn)", flush=True)
+    if "peft" in med:
+        for name in ("ours fp32", "ours bf16"):
+            ratios = sorted(p / o for p, o in zip(times["peft"], times[name]))
+            out[f"train peft / {name}"] = statistics.median(ratios)
+        print(f"train transformers {transformers.__version__} + PEFT {peft.__version__} LoRA, fp32 {med['peft']:.3f} "
+              f"s/step: ours is {out['train peft / ours fp32']:.2f}x faster with fp32 activations, "
+              f"{out['train peft / ours bf16']:.2f}x with bf16 (medians of the step pairs' ratios)", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -546,7 +551,7 @@ def targets(rows, decode):
         out["decode 4-bit bf16 act x float32 (>=1.5)"] = round(decode["4-bit bf16 act"] / decode["float32"], 2)
     for k, target in (("block_ratio", "block 7b 4-bit x fp32 (>=4)"), ("ours bf16 act / llama.cpp", "decode bf16 act / llama.cpp (>=1.0)"),
                       ("ours fp32 act / llama.cpp", "decode fp32 act / llama.cpp (>=0.8)"),
-                      ("train peft / ours", "train step x transformers+PEFT (>=1.3)"),
+                      ("train peft / ours fp32", "train step x transformers+PEFT (>=1.3)"),
                       ("train peft / ours bf16", "train step, bf16 activations, x transformers+PEFT fp32 (>=1.3)")):
         if k in decode:
             out[target] = round(decode[k], 2)
@@ -576,7 +581,7 @@ def main():
     p.add_argument("--vs-llamacpp", action="store_true",
                    help="decode of the embedded Q4_1 (bf16 and fp32 activations), then llama.cpp on the same file")
     p.add_argument("--vs-peft", action="store_true", help="a QA-LoRA training step vs transformers+PEFT fp32 LoRA")
-    p.add_argument("--train-steps", type=int, default=5, help="--vs-peft: timed steps per side (median)")
+    p.add_argument("--train-steps", type=int, default=5, help="--vs-peft: timed steps per side, in turn (median)")
     p.add_argument("--scale", choices=sorted(SCALES), default=None,
                    help="QA-LoRA training (1 x 128 tokens) and 16 decode tokens at these shapes, random 4-bit codes")
     args = p.parse_args()

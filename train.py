@@ -38,6 +38,7 @@ from tqdm import tqdm
 import data
 import eval as E
 import export
+import kernels
 import merge
 import qalora
 import quant
@@ -155,8 +156,45 @@ class ResponseLoss(nn.Module):
         h = self.model.hidden_states(tokens)[:, :-1]           # [B, T-1, dim]: position t predicts t+1
         y = labels[:, 1:]                                       # [B, T-1]
         keep = y != data.IGNORE
-        logits = self.model.lm_head(h[keep])                    # [N, vocab], N = response tokens only
-        return F.cross_entropy(logits.float(), y[keep], reduction="sum")
+        return head_cross_entropy(self.model.lm_head, h[keep], y[keep])  # N = response tokens only
+
+
+def head_cross_entropy(head, h, y):
+    """sum over rows of cross_entropy(head(h), y), h [N, dim], y [N]. With a frozen head (QA-LoRA and LoRA train only
+    adapters) the softmax and its gradient are formed in the logits' own buffer: F.cross_entropy allocates four more
+    [N, vocab] tensors (86 MB each for 440 SmolLM2 positions: log-softmax, its temporary, the zero-filled NLL
+    gradient, the log-softmax gradient), and every fresh large tensor costs its page faults again (on this VM
+    ~2.5 GB/s, slower than computing the softmax)."""
+    if any(p.requires_grad for p in head.parameters()) or not torch.is_grad_enabled():
+        return F.cross_entropy(head(h).float(), y, reduction="sum")
+    return _HeadCrossEntropy.apply(h, y, head)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """loss = sum_i logsumexp(z_i) - z_i[y_i], z = head(h). Forward leaves e = exp(z - max) in z's buffer and keeps
+    its row sums s; backward turns it into d loss / d z = e / s - onehot(y) in place, then back through the head."""
+
+    @staticmethod
+    def forward(ctx, h, y, head):
+        hd = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            z = head(hd)  # [N, vocab]; the graph hd -> z gives d loss / d h from d loss / d z
+        e = z.detach().float()  # z's own buffer when the head computes in float32
+        target = e.gather(1, y[:, None]).squeeze(1)  # [N]
+        mx = e.amax(dim=1)  # [N]
+        s = e.sub_(mx[:, None]).exp_().sum(dim=1)  # [N]; e = exp(z - max) from here on
+        ctx.graph, ctx.y = (hd, z, e, s), y
+        return (mx + s.log() - target).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hd, z, e, s = ctx.graph
+        del ctx.graph
+        g = e.div_(s[:, None])  # softmax, in place
+        g[torch.arange(g.shape[0]), ctx.y] -= 1
+        g.mul_(grad_out)
+        (grad_h,) = torch.autograd.grad(z, hd, g.to(z.dtype))
+        return grad_h, None, None
 
 
 @torch.no_grad()
@@ -380,6 +418,9 @@ def start(argv):
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // procs_here))  # cores shared by processes
     run = Run(args, rank, world, device, check_out(args), t_start)
     run.say(f"train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    if args.dtype == "bfloat16" and device.type == "cpu" and not kernels.cpu_has_bf16():
+        run.say("note: --dtype bfloat16 on a CPU without bf16 dot products (AVX512-BF16 or AMX): PyTorch emulates "
+                "bf16 matmuls, ~10x slower than float32 (the default, which is exact and faster here)")
     return run
 
 

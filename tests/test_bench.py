@@ -14,7 +14,7 @@ def test_targets_read_every_kind_of_row():
             row("576x576", 512, None, None, "dense fp32 LoRA fwd+bwd", 8.0),
             row("576x576", 512, 4, 32, "QA-LoRA 4b g32 fwd+bwd", 10.0)]
     decode = {"float32": 20.0, "4-bit fp32 act": 50.0, "4-bit bf16 act": 70.0, "block_ratio": 4.123,
-              "ours bf16 act / llama.cpp": 70.0 / 80.0, "train peft / ours": 1.0 / 0.8,
+              "ours bf16 act / llama.cpp": 70.0 / 80.0, "train peft / ours fp32": 1.0 / 0.8,
               "scale": {"name": "llama-8b", "peak_rss_gb": 9.876}}
     out = targets(rows, decode)
     assert out["576x576 4b g32 M=1 auto_fp32/native (<=1.25)"] == 1.2

@@ -192,3 +192,30 @@ def test_time_budget_ends_training_early_but_still_merges(tiny_dir, tmp_path, ca
     final = records(out)[-1]
     assert final["final"] and final["step"] == 1 and (out / "merged" / "config.json").exists()
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
+
+
+@pytest.mark.parametrize("kind", ["linear", "quant", "bf16", "trainable"])
+def test_head_cross_entropy_equals_torch(kind):
+    """The loss's frozen-head path (softmax and its gradient in the logits' buffer) against F.cross_entropy on the
+    same head: value and the gradient w.r.t. h; a trainable head takes F.cross_entropy itself (its weight's
+    gradient too)."""
+    import quant
+    torch.manual_seed(0)
+    dim, vocab, n = 48, 700, 37
+    w = torch.randn(vocab, dim)
+    if kind == "quant":
+        head = quant.QuantLinear.from_codes(*quant.quantize(w, 4, 16), 4, 16)
+    else:
+        head = torch.nn.Linear(dim, vocab, bias=False, dtype=torch.bfloat16 if kind == "bf16" else torch.float32)
+        head.requires_grad_(kind == "trainable")
+    h = (3 * torch.randn(n, dim)).to(torch.bfloat16 if kind == "bf16" else torch.float32).requires_grad_(True)
+    y = torch.randint(0, vocab, (n,))
+    got = train.head_cross_entropy(head, h, y)
+    (g_got,) = torch.autograd.grad(0.5 * got, h)
+    want = torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+    (g_want,) = torch.autograd.grad(0.5 * want, h)
+    tol = 1e-2 if kind == "bf16" else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=tol, atol=tol)
+    with torch.no_grad():  # evaluation: the plain path
+        torch.testing.assert_close(train.head_cross_entropy(head, h, y), want, rtol=tol, atol=tol)
