@@ -3,13 +3,14 @@
 //   y[m, o] = sum_g  scales[o, g] * sum_{i in g} x[m, i] * q[o, i]  +  biases[o, g] * sum_{i in g} x[m, i]
 //
 // Codes are the layout of kernels.pack: each row an LSB-first bit stream, code j at bits [j*b, (j+1)*b).
-// So 8 consecutive codes starting at a multiple of 8 are exactly b whole bytes; they are decoded to 8 floats
-// (AVX2: one 64-bit load, two variable shifts; 4 and 8 bits have their own shorter sequences) and
-// multiplied into per-group accumulators, fp32 throughout. 2-, 4- and 8-bit rows whose width is a multiple
-// of 256 bits take the lane row instead (row_lanes: codes decoded in 32-bit lanes by shifts and masks, each
-// block's scales applied once). Groups whose width is not a multiple of 8, and
-// the last few columns of a row, take the scalar path. Threads split the output rows (at::parallel_for:
-// PyTorch's own thread pool and thread count). The layer is read once per call whatever M is (M <= 8).
+// 2-, 4- and 8-bit rows whose width is a multiple of 256 bits take the lane rows (codes decoded in 32- or
+// 16-bit lanes by masks, each block's scales applied once; float32 x in float, bfloat16 x as 16-bit fixed
+// point with integer multiply-adds: see "The lane rows" below). Other rows: 8 consecutive codes starting at a
+// multiple of 8 are exactly b whole bytes, decoded to 8 floats (AVX2: one 64-bit load, two variable shifts; 4
+// and 8 bits have their own shorter sequences) and multiplied into per-group accumulators, fp32 throughout;
+// groups whose width is not a multiple of 8, and the last few columns of a row, take the scalar path. Threads
+// (PyTorch's thread count, OpenMP) take chunks of output rows. The layer is read once per call whatever M is
+// (M <= 8). decode_step, at the end, runs a whole stack of LLaMA blocks for one token on these rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -426,7 +427,14 @@ at::Tensor gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::Tenso
   Input in;
   in.set(x.data_ptr<float>(), x.size(0), L, bf16);
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, L.N, 16, [&](int64_t begin, int64_t end) { gemv_rows(in, L, begin, end, yp); });
+  // Threads take chunks of rows as they finish (a shared VM's second core is sometimes much slower: static
+  // halves then wait for it): about 256 KB of weights a chunk, the count a multiple of the threads so that
+  // equal cores share evenly; a small layer is one chunk a thread.
+  const int64_t nt = at::get_num_threads(), bytes = L.N * (L.row_bytes + 8 * L.ng);
+  const int64_t n_chunks = nt * std::max<int64_t>(1, (bytes + nt * (256 << 10) - 1) / (nt * (256 << 10)));
+  const int64_t rows = (L.N + n_chunks - 1) / n_chunks;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && n_chunks > 1)
+  for (int64_t c = 0; c < n_chunks; c++) gemv_rows(in, L, c * rows, std::min(L.N, c * rows + rows), yp);
   return y;
 }
 
