@@ -7,11 +7,10 @@ the bit layout of the codes, the group pooling QA-LoRA's adapter reads, and one 
 `qmatmul(x, layer, impl)`. A "layer" is anything with quant.QuantLinear's attributes (qweight, scales,
 biases, bias, bits, group_size, in_features, out_features, n_groups); nothing here imports the project.
 
-Every path computes the grouped form of y = x @ w~^T,
+Every path computes y = x @ w~^T (+ bias); they differ in where the codes are unpacked. The one-pass
+kernels (gemv, Triton) use its grouped form, which never forms w~:
 
     y = sum_g scales_g * (x_g @ q_g^T)  +  sum_g biases_g * sum(x_g)   (+ bias)
-
-and they differ in where the codes are unpacked:
 
 - "reference": unpack, dequantize, one float32 matmul. The definition; every other path is tested
   against it (tests/test_kernels.py).
@@ -20,9 +19,9 @@ and they differ in where the codes are unpacked:
   output rows. float32 inputs are float32 math; bfloat16 inputs of 2/4/8-bit layers are read as 16-bit
   fixed point per block of x (exact for bf16 values within 2^-7 of the block's largest), integer products. Decode and the one-token forward, where reading the weights is the whole cost. It is an
   opaque operator, so a torch.compile'd decode step (generate.py) calls the same kernel.
-- "compiled": `scales * q` dequantized a chunk of rows at a time inside a torch.compile graph, then the
-  BLAS matmul, plus the bias term from the group sums (prefill, evaluation, training). "eager" is the same
-  code without torch.compile (tiny layers, or QALORA_COMPILE=0).
+- "compiled": w~ dequantized a chunk of rows at a time, then the BLAS matmul (prefill, evaluation,
+  training); the dequantization is kernels_cpu.cpp's on the CPU, else a torch.compile graph. "eager" is
+  the same without torch.compile (tiny layers, or QALORA_COMPILE=0, which builds nothing).
 - "native": PyTorch's bfloat16 int4 kernel (4 bits, groups of 32-256 dividing the row).
 - "triton": a CUDA dequant-matmul (optional import; tested on CPU under TRITON_INTERPRET=1).
 
@@ -36,8 +35,7 @@ and they differ in where the codes are unpacked:
 Float32 inputs never go through bfloat16 behind the caller's back: the exact merge is checked in fp32.
 
 Autograd: the base is frozen, so only the input gradient is needed, grad_x = grad_y @ w~, computed for
-every path with the transposed grouped form (grad_y @ (scales * q) a chunk of rows at a time, plus
-grad_y @ biases spread over each group). The biases and scales are read afresh at every call (the merge
+every path as "compiled" computes its forward (w~ a chunk of rows at a time). The biases and scales are read afresh at every call (the merge
 rewrites the biases); derived code layouts are cached on the layer (`layer.kernel_cache`), keyed by the
 version of the tensors they come from.
 
@@ -256,7 +254,11 @@ def _load_cpu_kernels():
 
     @torch.library.register_fake("qalora::gemv")
     def _(x, qweight, scales, biases, bits, group_size):
-        return x.new_empty(x.shape[0], qweight.shape[0])
+        return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("qalora::dequant")
+    def _(planes, scales, biases, e):
+        return scales.new_empty(planes.shape[0], planes.shape[1] * planes.shape[2] * (8 // e))
     return True
 
 
@@ -348,16 +350,24 @@ def _x_planes(x2, c, G, Kp, copy=True):
     return xp.contiguous() if copy else xp
 
 
-def _dequant_sq(P, scales, e: int, c: int):
-    """scales * q in planes column order: [N, ng, G/c] codes -> [N, ng*G] f32, column g*G + t*(G/c) + j
-    holding code c*j + t of group g (the order of _x_planes, so x_planes @ this^T is x @ (scales*q)^T).
-    Column k reads byte k % (G/c) at shift (k // (G/c)) * e: written as an index expression (repeat and
-    arange), inductor makes it one vectorized pass from bytes to f32; torch.cat of the planes first wrote every
-    plane out as int32 (the M=16 graph of a 576x192 layer, 1 thread: 105 -> 87 us)."""
+def _dequant_w(P, scales, biases, e: int, c: int):
+    """w~ = scales * q + biases in planes column order: [N, ng, G/c] codes -> [N, ng*G] f32, column g*G + t*(G/c) + j
+    holding code c*j + t of group g (the order of _x_planes, so x_planes @ this^T is x @ w~^T; padding columns get
+    biases too, but their inputs are zero and their gradients are cut). Column k reads byte k % (G/c) at shift
+    (k // (G/c)) * e: written as an index expression (repeat and arange), inductor makes it one vectorized pass
+    from bytes to f32. The CPU takes kernels_cpu.cpp's dequant instead (dequant_planes)."""
     N, ng, Gc = P.shape
     shifts = torch.arange(c * Gc, device=P.device, dtype=torch.int32) // Gc * e  # [G]
     q = (P.repeat(1, 1, c).to(torch.int32) >> shifts) & ((1 << e) - 1)  # [N, ng, G]
-    return (q.to(torch.float32) * scales[:, :, None]).reshape(N, ng * Gc * c)  # [N, Kp]
+    return (q.to(torch.float32) * scales[:, :, None] + biases[:, :, None]).reshape(N, ng * Gc * c)  # [N, Kp]
+
+
+def dequant_planes(P, scales, biases, e, c, compiled):
+    """_dequant_w: the C++ op on the CPU when it is built (bound by writing 4 bytes a weight: 5-10x inductor's
+    graph here), else the torch graph, compiled unless compiled=False."""
+    if P.device.type == "cpu" and gemv_available():
+        return torch.ops.qalora.dequant(P, scales, biases, e)
+    return _run(_dequant_w, compiled, P, scales, biases, e, c)
 
 
 _compiled_fns = {}
@@ -410,81 +420,35 @@ def _row_chunk(N, K):
     return target
 
 
-def _sq_chunks(layer, compiled):
-    """Yield (row slice, scales * q as f32 [rows, Kp] in planes column order), a chunk of rows at a time."""
+def _w_chunks(layer, compiled):
+    """Yield (row slice, w~ of those rows in planes column order, f32 [rows, Kp]), about CHUNK_NUMEL weights at a
+    time (a small layer is one chunk)."""
     e, c, G, Kp = _layout(layer)
-    P, scales = _planes(layer), layer.scales.float()
+    P, scales, biases = _planes(layer), layer.scales.float(), layer.biases.float()
     N = layer.out_features
     nb = _row_chunk(N, Kp)
     for i in range(0, N, nb):
-        yield slice(i, i + nb), _run(_dequant_sq, compiled, P[i:i + nb], scales[i:i + nb], e, c)  # [nb, Kp]
-
-
-def _sq_matmul(xp, layer, compiled):
-    """xp [M, Kp] (planes order) @ (scales * q)^T -> [M, out], dequantizing a chunk of rows at a time."""
-    return torch.cat([xp @ w.T for _, w in _sq_chunks(layer, compiled)], dim=1)  # [M, out]
-
-
-def _sq_matmul_t(gy, layer, compiled):
-    """gy [M, out] @ (scales * q) -> [M, in] in natural column order, accumulated chunk by chunk."""
-    e, c, G, Kp = _layout(layer)
-    M = gy.shape[0]
-    gxp = gy.new_zeros(M, Kp)  # planes order
-    for rows, w in _sq_chunks(layer, compiled):
-        gxp.addmm_(gy[:, rows], w)
-    gx = gxp.view(M, Kp // G, c, G // c).transpose(2, 3).reshape(M, Kp)  # back to natural order
-    return gx[:, :layer.in_features]
+        yield slice(i, i + nb), dequant_planes(P[i:i + nb], scales[i:i + nb], biases[i:i + nb], e, c, compiled)
 
 
 def _grad_input(gy, layer, compiled):
-    """grad_x = grad_y @ w~ = grad_y @ (scales*q) + (grad_y @ biases) spread over each group. A small layer
-    is dequantized at once, biases folded in (as _dequant_step): one matmul, then back to natural order."""
+    """grad_x = grad_y @ w~, a chunk of w~'s rows at a time, then from planes back to natural column order."""
     e, c, G, Kp = _layout(layer)
-    if layer.out_features * Kp <= CHUNK_NUMEL:
-        w = _run(_dequant_w, compiled, _planes(layer), layer.scales.float(), layer.biases.float(), e, c)  # [N, Kp]
-        gxp = gy @ w  # [M, Kp], planes order
-        return gxp.view(-1, Kp // G, c, G // c).transpose(2, 3).reshape(-1, Kp)[:, :layer.in_features]
-    gx = _sq_matmul_t(gy, layer, compiled)  # [M, in]
-    gb = gy @ layer.biases.float()  # [M, n_groups]
-    widths = group_widths(layer.in_features, layer.group_size, device=gy.device, dtype=torch.long)
-    return gx + gb.repeat_interleave(widths, dim=1)
-
-
-
-
-def _dequant_step(xp, P, scales, biases, bias, e: int, c: int):
-    """The whole forward for more rows, no autograd, the layer dequantized at once (small layers): one graph
-    around one BLAS call, y = x_planes @ (scales * q + biases)^T (+ bias). The biases are folded into the
-    dequantized matrix (one more multiply-add per weight) instead of a second matmul with the group sums;
-    padding columns get biases too, but their inputs are zero. xp may be a strided view (the transpose is
-    then a copy inside the graph: ~6 us for a 16 x 576 input, ~12 us as an eager call)."""
-    N, ng, Gc = P.shape
-    y = xp.reshape(xp.shape[0], ng * c * Gc) @ _dequant_w(P, scales, biases, e, c).T  # [M, out]
-    return y + bias if bias is not None else y
-
-
-def _dequant_w(P, scales, biases, e: int, c: int):
-    """w~ = scales * q + biases in planes column order: [N, ng, G/c] codes -> [N, ng*G] f32 (padding columns
-    get biases too; their inputs are zero, their gradients are cut)."""
-    N, ng, Gc = P.shape
-    return (_dequant_sq(P, scales, e, c).view(N, ng, c * Gc) + biases[:, :, None]).view(N, ng * c * Gc)
+    gxp = None  # [M, Kp], planes order
+    for rows, w in _w_chunks(layer, compiled):
+        gxp = gy[:, rows] @ w if gxp is None else gxp.addmm_(gy[:, rows], w)
+    gx = gxp.view(-1, Kp // G, c, G // c).transpose(2, 3).reshape(-1, Kp)
+    return gx[:, :layer.in_features]
 
 
 def grouped(x2, layer, compiled=True):
-    """The grouped formulation without autograd (the "compiled" impl; compiled=False runs it eagerly)."""
-    M, K = x2.shape
+    """y = x2 @ w~^T (+ bias) without autograd, w~ dequantized a chunk of rows at a time (the "compiled" impl;
+    compiled=False: "eager", nothing compiled)."""
     e, c, G, Kp = _layout(layer)
-    x2 = x2.float()
-    bias = layer.bias.float() if layer.bias is not None else None
-    if layer.out_features * Kp <= CHUNK_NUMEL:  # a small layer: dequantize it at once, one graph, one BLAS call
-        xp = _x_planes(x2, c, G, Kp, copy=False)  # [M, ng, c, G/c], a view: the transpose happens in the graph
-        if M > 1 and not torch.compiler.is_compiling():  # one graph for every M > 1 (M = 1: its own)
-            torch._dynamo.mark_dynamic(xp, 0)
-        return _run(_dequant_step, compiled, xp, _planes(layer), layer.scales.float(), layer.biases.float(), bias, e, c)
-    y = _sq_matmul(_x_planes(x2, c, G, Kp).view(M, Kp), layer, compiled)  # [M, out]: sum_g scales_g * x_g @ q_g^T
-    sums = pool_groups(x2, layer.group_size) * group_widths(K, layer.group_size, device=x2.device)  # [M, ng]
-    y = y + sums @ layer.biases.float().T  # + sum_g biases_g * sum(x_g)
-    return y + bias if bias is not None else y
+    xp = _x_planes(x2.float(), c, G, Kp).view(x2.shape[0], Kp)  # the input in planes column order
+    ys = [xp @ w.T for _, w in _w_chunks(layer, compiled)]
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)  # [M, out]
+    return y + layer.bias.float() if layer.bias is not None else y
 
 
 # -----------------------------------------------------------------------------

@@ -439,6 +439,47 @@ at::Tensor gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::Tenso
 }
 
 // -----------------------------------------------------------------------------
+// w~ = scales * q + biases for the dequantize-then-BLAS path of kernels.py (prefill, evaluation, training), in
+// its "planes" column order: P uint8 [N, ng, G/c] holds c = 8/e codes a byte (e = 2, 4 or 8 bits, LSB first),
+// and column g*G + t*(G/c) + j of the output is code c*j + t of group g: plane t of a group is the t-th code
+// of each of its bytes, a contiguous run. 8 outputs cost one byte-to-int widening, a shift, an AND, one
+// conversion and one FMA; the whole is bound by writing 4 bytes a weight.
+at::Tensor dequant(const at::Tensor& P, const at::Tensor& scales, const at::Tensor& biases, int64_t e) {
+  TORCH_CHECK(P.dim() == 3 && P.scalar_type() == at::kByte && P.is_contiguous(), "dequant: codes must be uint8 [N, ng, G/c]");
+  TORCH_CHECK(e == 2 || e == 4 || e == 8, "dequant: 2, 4 or 8 bits a code");
+  const int64_t N = P.size(0), ng = P.size(1), Gc = P.size(2), c = 8 / e, G = Gc * c;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && biases.scalar_type() == at::kFloat && scales.is_contiguous() &&
+              biases.is_contiguous() && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == ng &&
+              biases.sizes() == scales.sizes(), "dequant: scales and biases must be contiguous f32 [N, ng]");
+  at::Tensor out = at::empty({N, ng * G}, scales.options());
+  const uint8_t* pp = P.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *bp = biases.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const uint32_t mask = (1u << e) - 1;
+  at::parallel_for(0, N * ng, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t rg = begin; rg < end; rg++) {  // one (row, group)
+      const uint8_t* q = pp + rg * Gc;
+      const float s = sp[rg], b = bp[rg];
+      for (int64_t t = 0; t < c; t++) {
+        float* o = op + rg * G + t * Gc;
+        int64_t j = 0;
+#ifdef QALORA_AVX2
+        const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b);
+        const __m256i vm = _mm256_set1_epi32(int32_t(mask));
+        for (; j + 8 <= Gc; j += 8) {
+          const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(q + j)));
+          const __m256i code = _mm256_and_si256(_mm256_srli_epi32(v, int(e * t)), vm);
+          _mm256_storeu_ps(o + j, _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(code), vb));
+        }
+#endif
+        for (; j < Gc; j++) o[j] = std::fma(s, float((q[j] >> (e * t)) & mask), b);
+      }
+    }
+  });
+  return out;
+}
+
+// -----------------------------------------------------------------------------
 // One decode step of a stack of LLaMA blocks for one token (model.Block with a KV cache and no mask), as one
 // call. Per block:
 //
@@ -651,11 +692,13 @@ at::Tensor decode_step(const at::Tensor& h, at::TensorList norms, at::TensorList
 
 TORCH_LIBRARY(qalora, m) {
   m.def("gemv(Tensor x, Tensor qweight, Tensor scales, Tensor biases, int bits, int group_size) -> Tensor");
+  m.def("dequant(Tensor planes, Tensor scales, Tensor biases, int e) -> Tensor");
   m.def("decode_step(Tensor h, Tensor[] norms, Tensor(a!)[] caches, Tensor[] qweights, Tensor[] scales, "
         "Tensor[] biases, int[] bits, int[] groups, Tensor cos, Tensor sin, float eps, int pos, int n_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qalora, CPU, m) {
   m.impl("gemv", gemv);
+  m.impl("dequant", dequant);
   m.impl("decode_step", decode_step);
 }

@@ -186,6 +186,18 @@ def test_gemv_bf16_fixed_point_rows(bits, shape):
 
 
 @needs_gemv
+@pytest.mark.parametrize("e", (2, 4, 8))
+@pytest.mark.parametrize("Gc", (16, 24, 50, 6))  # whole vectors, and scalar tails
+def test_cpp_dequant_equals_torch_graph(e, Gc):
+    """kernels_cpu.cpp's dequant writes exactly the planes-order w~ that the torch expression defines."""
+    N, ng = 5, 3
+    P = torch.randint(0, 256, (N, ng, Gc), dtype=torch.uint8)
+    s, b = torch.randn(N, ng), torch.randn(N, ng)
+    want = kernels._dequant_w(P, s, b, e, 8 // e)
+    torch.testing.assert_close(torch.ops.qalora.dequant(P, s, b, e), want, rtol=1e-6, atol=1e-6)
+
+
+@needs_gemv
 def test_gemv_runs_inside_a_compiled_graph():
     """The op is opaque to torch.compile (a fake impl gives its shape): the compiled decode step calls it."""
     layer = make_layer(48, 96, 32, 4)
@@ -233,6 +245,7 @@ def test_compile_failure_degrades_to_eager_with_one_warning(monkeypatch):
             raise RuntimeError("no C++ compiler")
         return call
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(kernels, "gemv_available", lambda: False)  # the CPU's C++ dequant would not compile
     monkeypatch.setattr(kernels, "_compiled_fns", {})
     monkeypatch.setattr(kernels, "_compile_failed", False)
     layer = make_layer(48, 96, 32, 4)
