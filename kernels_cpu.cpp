@@ -128,11 +128,11 @@ struct Linear {
 // over the lanes they cover (B a multiple of G). The bias term sum_g biases[g] * xsum[g] is a dot product
 // over groups. Two ways to form the block's sum of x * q, no byte shuffles in either:
 //
-// - float32 x (rows_lanes): masking all 8 words with the bits of code t, (2^bits - 1) << bits*t, leaves
+// - float32 x: masking all 8 words with the bits of code t, (2^bits - 1) << bits*t, leaves
 //   q * 2^(bits*t) in every lane: converted to float that is exact, and x is read pre-multiplied by
 //   2^-(bits*t), so each product is exactly x * q, rounded as usual (the top code is a shift instead: the
 //   mask would take the sign bit). 8 codes cost one AND, one int-to-float conversion and one FMA.
-// - bfloat16 x (rows_fixed): x as 16-bit integers n with one power-of-two factor f per block (x ~ f * n,
+// - bfloat16 x (Input::fixed): x as 16-bit integers n with one power-of-two factor f per block (x ~ f * n,
 //   |n| < 2^15), and the codes in 16-bit lanes (P/2 a lane, code t masked to q * 2^(bits*t) as above):
 //   one integer multiply-add (vpmaddwd) gives q * n for 16 codes, summed in pairs into the 32-bit lanes,
 //   exact; shifted right by bits*t (exact: a multiple of 2^(bits*t)) and added, then one conversion and one
@@ -237,52 +237,20 @@ inline float row_total(__m256 tot, const float* bo, const float* xsum, int64_t n
   return rest + hsum(_mm256_add_ps(tot, bt));
 }
 
-// Rows [o0, o1) of y for M rows of x from row m0 of `in` (float32 x in lane order).
-template <int BITS, int M>
+// Rows [o0, o1) of y for M rows of x from row m0 of `in`: FIXED = in.fixed (x as 16-bit fixed point), else
+// float32 x in lane order. The two differ only in how a block's sum of x * q is formed.
+template <int BITS, int M, bool FIXED>
 void rows_lanes(const Input& in, int64_t m0, const Linear& L, int64_t o0, int64_t o1, float* y) {
-  constexpr int P = 32 / BITS, B = 8 * P;
-  const Blocks bk(P, L.G);
-  const int64_t K = L.K, ng = L.ng;
-  const float* xl = in.xl.data() + m0 * K;
-  __m256i mask[P];  // code t's bits in every lane
-  for (int t = 0; t < P; t++) mask[t] = _mm256_set1_epi32(int32_t(((1u << BITS) - 1) << (BITS * t)));
-  for (int64_t o = o0; o < o1; o++) {
-    const uint8_t* qo = L.q + o * L.row_bytes;
-    const float *so = L.s + o * ng, *bo = L.b + o * ng;
-    __m256 tot[M];
-    for (int m = 0; m < M; m++) tot[m] = _mm256_setzero_ps();
-    for (int64_t j = 0, g = 0, k = 0; j < K; j += B) {
-      if ((j & 255) == 0) prefetch_ahead(qo, j, BITS, so + g, bo + g, bk.pf_groups);
-      const __m256i raw = _mm256_loadu_si256((const __m256i*)(qo + j / 8 * BITS));
-      constexpr int A = M == 1 ? 2 : 1;  // FMA chains per row of x (more rows are more chains)
-      __m256 acc[M][A];
-#pragma GCC unroll 16
-      for (int t = 0; t < P; t++) {  // code t of each lane, times 2^(bits*t)
-        const __m256i ct = t < P - 1 ? _mm256_and_si256(raw, mask[t]) : _mm256_srli_epi32(raw, BITS * t);
-        const __m256 c = _mm256_cvtepi32_ps(ct);
-        for (int m = 0; m < M; m++) {
-          const __m256 xv = _mm256_loadu_ps(xl + m * K + j + 8 * t);
-          acc[m][t % A] = t < A ? _mm256_mul_ps(c, xv) : _mm256_fmadd_ps(c, xv, acc[m][t % A]);
-        }
-      }
-      const __m256 sv = bk.scales(so + g);
-      for (int m = 0; m < M; m++) tot[m] = _mm256_fmadd_ps(sv, A == 1 ? acc[m][0] : _mm256_add_ps(acc[m][0], acc[m][A - 1]), tot[m]);
-      if (++k == bk.per_group) k = 0, g += bk.step;
-    }
-    for (int m = 0; m < M; m++) y[m * L.N + o] = row_total(tot[m], bo, in.xsum.data() + (m0 + m) * ng, ng);
-  }
-}
-
-// The same rows for x as 16-bit fixed point (in.fixed).
-template <int BITS, int M>
-void rows_fixed(const Input& in, int64_t m0, const Linear& L, int64_t o0, int64_t o1, float* y) {
   constexpr int P = 32 / BITS, B = 8 * P, H = P / 2;  // H codes per 16-bit lane
   const Blocks bk(P, L.G);
   const int64_t K = L.K, ng = L.ng, nb = K / B;
-  const int16_t* xn = in.xn.data() + m0 * K;
-  const float* xf = in.xf.data() + m0 * nb;
-  __m256i mask[H];
-  for (int t = 0; t < H; t++) mask[t] = _mm256_set1_epi16(int16_t(((1u << BITS) - 1) << (BITS * t)));
+  const float* xl = FIXED ? nullptr : in.xl.data() + m0 * K;
+  const int16_t* xn = FIXED ? in.xn.data() + m0 * K : nullptr;
+  const float* xf = FIXED ? in.xf.data() + m0 * nb : nullptr;
+  __m256i mask[P];  // code t's bits in every 32-bit lane (float), or in every 16-bit lane (fixed: t < H)
+  for (int t = 0; t < P; t++)
+    mask[t] = FIXED ? _mm256_set1_epi16(int16_t(((1u << BITS) - 1) << (BITS * (t % H))))
+                    : _mm256_set1_epi32(int32_t(((1u << BITS) - 1) << (BITS * t)));
   for (int64_t o = o0; o < o1; o++) {
     const uint8_t* qo = L.q + o * L.row_bytes;
     const float *so = L.s + o * ng, *bo = L.b + o * ng;
@@ -291,19 +259,35 @@ void rows_fixed(const Input& in, int64_t m0, const Linear& L, int64_t o0, int64_
     for (int64_t j = 0, g = 0, k = 0, blk = 0; j < K; j += B, blk++) {
       if ((j & 255) == 0) prefetch_ahead(qo, j, BITS, so + g, bo + g, bk.pf_groups);
       const __m256i raw = _mm256_loadu_si256((const __m256i*)(qo + j / 8 * BITS));
-      __m256i acc[M];
+      __m256 sum[M];  // the block's x * q, in lanes
+      if constexpr (FIXED) {
+        __m256i acc[M];
 #pragma GCC unroll 16
-      for (int t = 0; t < H; t++) {  // code t of each 16-bit lane, times 2^(bits*t)
-        const __m256i ct = t < H - 1 ? _mm256_and_si256(raw, mask[t]) : _mm256_srli_epi16(raw, BITS * t);
-        for (int m = 0; m < M; m++) {
-          __m256i p = _mm256_madd_epi16(ct, _mm256_loadu_si256((const __m256i*)(xn + m * K + j + 16 * t)));
-          if (t > 0 && t < H - 1) p = _mm256_srai_epi32(p, BITS * t);
-          acc[m] = t == 0 ? p : _mm256_add_epi32(acc[m], p);
+        for (int t = 0; t < H; t++) {  // code t of each 16-bit lane, times 2^(bits*t)
+          const __m256i ct = t < H - 1 ? _mm256_and_si256(raw, mask[t]) : _mm256_srli_epi16(raw, BITS * t);
+          for (int m = 0; m < M; m++) {
+            __m256i p = _mm256_madd_epi16(ct, _mm256_loadu_si256((const __m256i*)(xn + m * K + j + 16 * t)));
+            if (t > 0 && t < H - 1) p = _mm256_srai_epi32(p, BITS * t);
+            acc[m] = t == 0 ? p : _mm256_add_epi32(acc[m], p);
+          }
         }
+        for (int m = 0; m < M; m++) sum[m] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_broadcast_ss(xf + m * nb + blk));
+      } else {
+        constexpr int A = M == 1 ? 2 : 1;  // FMA chains per row of x (more rows are more chains)
+        __m256 acc[M][A];
+#pragma GCC unroll 16
+        for (int t = 0; t < P; t++) {  // code t of each 32-bit lane, times 2^(bits*t)
+          const __m256i ct = t < P - 1 ? _mm256_and_si256(raw, mask[t]) : _mm256_srli_epi32(raw, BITS * t);
+          const __m256 c = _mm256_cvtepi32_ps(ct);
+          for (int m = 0; m < M; m++) {
+            const __m256 xv = _mm256_loadu_ps(xl + m * K + j + 8 * t);
+            acc[m][t % A] = t < A ? _mm256_mul_ps(c, xv) : _mm256_fmadd_ps(c, xv, acc[m][t % A]);
+          }
+        }
+        for (int m = 0; m < M; m++) sum[m] = A == 1 ? acc[m][0] : _mm256_add_ps(acc[m][0], acc[m][A - 1]);
       }
       const __m256 sv = bk.scales(so + g);
-      for (int m = 0; m < M; m++)
-        tot[m] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_broadcast_ss(xf + m * nb + blk)), _mm256_cvtepi32_ps(acc[m]), tot[m]);
+      for (int m = 0; m < M; m++) tot[m] = _mm256_fmadd_ps(sv, sum[m], tot[m]);
       if (++k == bk.per_group) k = 0, g += bk.step;
     }
     for (int m = 0; m < M; m++) y[m * L.N + o] = row_total(tot[m], bo, in.xsum.data() + (m0 + m) * ng, ng);
@@ -379,11 +363,11 @@ void rows_of(const Input& in, const Linear& L, int64_t o0, int64_t o1, float* y)
     // rereads 16 rows' codes from L1
     const auto run = [&](auto bits_const) {
       constexpr int BITS = decltype(bits_const)::value, M1 = M < 4 ? M : 4;
-      const auto pass = in.fixed ? rows_fixed<BITS, M1> : rows_lanes<BITS, M1>;
+      const auto pass = in.fixed ? rows_lanes<BITS, M1, true> : rows_lanes<BITS, M1, false>;
       for (int64_t a = o0; a < o1; a += 16) {
         const int64_t b = std::min(a + 16, o1);
         pass(in, 0, L, a, b, y);
-        if constexpr (M > 4) (in.fixed ? rows_fixed<BITS, M - 4> : rows_lanes<BITS, M - 4>)(in, 4, L, a, b, y + 4 * L.N);
+        if constexpr (M > 4) (in.fixed ? rows_lanes<BITS, M - 4, true> : rows_lanes<BITS, M - 4, false>)(in, 4, L, a, b, y + 4 * L.N);
       }
     };
     if (L.bits == 2) run(std::integral_constant<int, 2>());
