@@ -88,18 +88,18 @@ def compiled_blocks_fn():
     when compiling is switched off with QALORA_COMPILE=0). The runs are found once per session."""
     if not kernels.COMPILE:
         return None
-    if "block" not in _compiled:
-        def block_step(layer, h, cos, sin, positions, mask):
-            return layer(h, cos, sin, positions.shape[0], mask)
-        _compiled["block"] = kernels.compile_fn(block_step, dynamic=None)  # None: dims turn dynamic on change
-    compiled, runs = _compiled["block"], {}  # runs: activation dtype -> decode_runs, for this session
+    runs = {}  # activation dtype -> decode_runs, for this session
 
     def graph(layer, h, cos, sin, start_pos, mask):
+        if "block" not in _compiled:  # made when first needed: a model of plain quantized blocks never
+            def block_step(layer, h, cos, sin, positions, mask):  # imports the compiler (~1.4 s)
+                return layer(h, cos, sin, positions.shape[0], mask)
+            _compiled["block"] = kernels.compile_fn(block_step, dynamic=None)  # None: dims turn dynamic on change
         # the position travels as the length of an empty tensor marked dynamic: dynamo compiles a Python
         # int as a constant first and recompiles when it changes
         positions = torch.empty(start_pos, 0)
         torch._dynamo.maybe_mark_dynamic(positions, 0)
-        return compiled(layer, h, cos, sin, positions, mask)
+        return _compiled["block"](layer, h, cos, sin, positions, mask)
 
     def run(layers, h, cos, sin, start_pos, mask, norm):
         if not (mask is None and h.shape[:2] == (1, 1) and h.device.type == "cpu"):
@@ -160,7 +160,7 @@ def warmed_up():
     evaluates only the guards that tell its cached graphs apart, not all of them at each of the 30 block
     calls per token. A recompile under this stance raises (never a wrong graph), and generate_batch then
     returns to full guards."""
-    if not hasattr(torch.compiler, "set_stance"):
+    if not _compiled or not hasattr(torch.compiler, "set_stance"):  # no graph made: nothing to guard
         return contextlib.nullcontext()
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
