@@ -277,8 +277,9 @@ def main():
                    help="keep a GGUF's Q4_1 weights as 4-bit codes (default) instead of dequantizing")
     p.add_argument("--no-cache", action="store_true", help="recompute the full sequence every step")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the one-token decode step (default; on SmolLM2 ~16-23 s the first time, ~4-5 s "
-                        "once torch has cached it on disk, then ~3x the tokens/s of eager)")
+                   help="fast one-token steps (default): plain quantized blocks as one C++ call per token, any "
+                        "other block (an unmerged adapter, float weights) as a compiled graph (compiling takes "
+                        "~15-25 s the first time); on the embedded SmolLM2 ~2.5-3x the tokens/s of --no-compile")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
     if a.max_new_tokens < 0:
