@@ -1,13 +1,17 @@
-"""llama.cpp's GGUF files: the cached reader, llama tensor names, the q/k row order, and GGML block types
+"""llama.cpp's GGUF files: a fast reader (cached), llama tensor names, the q/k row order, and GGML block types
 decoded to (and encoded from) this project's codes, scales and biases."""
 import hashlib
 import operator
 import os
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QT, GGUFReader
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType as VT
+from gguf.quants import quant_shape_to_byte_shape
 
 from cli import UserError
 from kernels import dequantize, group_sizes
@@ -339,14 +343,147 @@ def gguf_field(reader, key, default=None):
     return default if f is None else f.contents()
 
 
+# -----------------------------------------------------------------------------
+# Reading a GGUF file. The gguf package's GGUFReader makes a numpy view for every part of every value: for
+# SmolLM2's 49K-token vocabulary and 49K merges that is a million views and 5 s. This reader parses the
+# header with struct and keeps one memory map for the tensor data; its fields and tensors carry the
+# attributes of GGUFReader's that this project uses (tests/test_gguf_codec.py compares the two).
+
+GGUF_MAGIC, GGUF_DEFAULT_ALIGNMENT = b"GGUF", 32
+_SCALARS = {VT.UINT8: "B", VT.INT8: "b", VT.UINT16: "H", VT.INT16: "h", VT.UINT32: "I", VT.INT32: "i",
+            VT.FLOAT32: "f", VT.BOOL: "?", VT.UINT64: "Q", VT.INT64: "q", VT.FLOAT64: "d"}
+_TENSOR_DTYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.F64: np.float64, QT.I8: np.int8, QT.I16: np.int16,
+                  QT.I32: np.int32, QT.I64: np.int64}
+
+
+class GGUFField(NamedTuple):
+    """One metadata key: types [type] or [ARRAY, element type] (GGUFReader's), value a Python value or list."""
+    name: str
+    types: list
+    value: object
+
+    def contents(self):
+        return self.value
+
+
+class GGUFTensor(NamedTuple):
+    """One tensor: shape in GGUF order (fastest dimension first); data a read-only numpy view of the file, as
+    GGUFReader gives it: [..., out, in] elements for float and integer types, rows of blocks (uint8) else."""
+    name: str
+    tensor_type: QT
+    shape: np.ndarray
+    n_elements: int
+    n_bytes: int
+    data_offset: int
+    data: np.ndarray
+
+
+class _Cursor:
+    def __init__(self, buf):
+        self.buf, self.at = buf, 0
+
+    def take(self, fmt):
+        return self.take_n(fmt, 1)[0]
+
+    def take_n(self, fmt, n):
+        v = struct.unpack_from(f"<{n}{fmt}", self.buf, self.at)
+        self.at += struct.calcsize(f"<{n}{fmt}")
+        return v
+
+    def string(self):
+        n = self.take("Q")
+        s = self.buf[self.at:self.at + n]
+        if len(s) != n:
+            raise ValueError(f"string of {n} bytes runs past the end of the file")
+        self.at += n
+        return str(s, "utf-8")
+
+    def value(self, vtype):
+        """(types, value) of one value of GGUF type `vtype`."""
+        vtype = VT(vtype)
+        if vtype == VT.STRING:
+            return [vtype], self.string()
+        if vtype in _SCALARS:
+            return [vtype], self.take(_SCALARS[vtype])
+        if vtype != VT.ARRAY:
+            raise ValueError(f"unknown value type {vtype}")
+        etype, n = VT(self.take("I")), self.take("Q")
+        if etype in _SCALARS:  # numeric arrays at once
+            dtype = np.dtype("<" + _SCALARS[etype])
+            arr = np.frombuffer(self.buf, dtype, n, self.at)
+            self.at += n * dtype.itemsize
+            return [vtype, etype], arr.tolist()
+        if etype == VT.STRING:  # vocabularies: one tight loop
+            out, buf, at = [], self.buf, self.at
+            for _ in range(n):
+                k = int.from_bytes(buf[at:at + 8], "little")
+                s = buf[at + 8:at + 8 + k]
+                if len(s) != k:
+                    raise ValueError(f"string of {k} bytes runs past the end of the file")
+                out.append(str(s, "utf-8"))
+                at += 8 + k
+            self.at = at
+            return [vtype, etype], out
+        items = [self.value(etype) for _ in range(n)]
+        return [vtype] + (items[0][0] if items else [etype]), [v for _, v in items]
+
+
+class GGUFFile:
+    """`fields` {key: GGUFField} in file order (GGUFReader's GGUF.* entries excepted) and `tensors`, a list of
+    GGUFTensor in file order. Raises ValueError or struct.error on a malformed file."""
+
+    def __init__(self, path):
+        self.data = np.memmap(path, mode="r")
+        c = _Cursor(memoryview(self.data))
+        if bytes(self.data[:4]) != GGUF_MAGIC:
+            raise ValueError("not a GGUF file (no GGUF magic)")
+        c.at = 4
+        version, n_tensors, n_kv = c.take("I"), c.take("Q"), c.take("Q")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are; a big-endian file reads "
+                             f"as a huge version)")
+        self.fields = {}
+        for _ in range(n_kv):
+            key = c.string()
+            types, value = c.value(c.take("I"))
+            self.fields[key] = GGUFField(key, types, value)
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string()
+            dims = np.array(c.take_n("Q", c.take("I")), dtype=np.uint64)
+            infos.append((name, dims, QT(c.take("I")), c.take("Q")))
+        align = self.fields.get("general.alignment")
+        align = GGUF_DEFAULT_ALIGNMENT if align is None else align.value
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise ValueError(f"general.alignment {align!r} is not a power of two")
+        start = -(-c.at // align) * align
+        self.tensors, seen = [], set()
+        for name, dims, ttype, offset in infos:
+            if name in seen:
+                raise ValueError(f"tensor {name} appears twice")
+            seen.add(name)
+            n_el = int(np.prod(dims))
+            block, size = GGML_QUANT_SIZES[ttype]
+            n_bytes, at = n_el * size // block, start + offset
+            np_dims = tuple(int(d) for d in reversed(dims))
+            if at + n_bytes > len(self.data):
+                raise ValueError(f"tensor {name} runs past the end of the file")
+            if ttype in _TENSOR_DTYPES:
+                dtype = np.dtype(_TENSOR_DTYPES[ttype])
+                data = self.data[at:at + n_bytes].view(dtype).reshape(np_dims)
+            else:
+                data = self.data[at:at + n_bytes].reshape(quant_shape_to_byte_shape(np_dims, ttype))
+            self.tensors.append(GGUFTensor(name, ttype, dims, n_el, n_bytes, at, data))
+
+
 _gguf_readers = {}
 
 
 def gguf_reader(path):
-    """The gguf package's reader for `path`, kept for the last file read: the model loader and the
-    tokenizer both need it and parsing SmolLM2's 49K-token vocabulary takes seconds. Keyed by path, inode,
-    size, times and a hash of the first and last 64 KB (all of a small file: timestamps alone can miss a
-    same-size rewrite within one clock tick), so a rewritten file is read again. Corrupt: one UserError."""
+    """The GGUFFile of `path`, kept for the last file read: the model loader and the tokenizer both need it.
+    Keyed by path, inode, size, times and a hash of the first and last 64 KB (all of a small file: timestamps
+    alone can miss a same-size rewrite within one clock tick), so a rewritten file is read again. Corrupt:
+    one UserError."""
     st = os.stat(path)
     with open(path, "rb") as f:
         head = f.read(1 << 16)
@@ -355,8 +492,8 @@ def gguf_reader(path):
     key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
     if key not in _gguf_readers:
         try:
-            reader = GGUFReader(str(path))
-        except Exception as e:  # the reader raises ValueError/struct errors/IndexError on corrupt files
+            reader = GGUFFile(str(path))
+        except (ValueError, struct.error, KeyError, IndexError, OverflowError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read GGUF file {path}: {e}") from None
         _gguf_readers.clear()
         _gguf_readers[key] = reader

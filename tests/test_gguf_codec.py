@@ -380,3 +380,27 @@ def test_real_q4_1_file_round_trip(smollm_gguf):
         assert np.array_equal(encode_blocks(QT.Q4_1, codes, scales, biases), t.data), t.name
         n += 1
     assert n == 14
+
+
+@pytest.mark.parametrize("which", ["embedded Q4_1", "shared Q4_K_M"])
+def test_reader_equals_gguf_package(which, request):
+    """gguf_codec.GGUFFile reads what the gguf package's GGUFReader reads: every key with its types and value,
+    every tensor's name, type, shape, offset and bytes, in file order."""
+    if which == "shared Q4_K_M":
+        if not REAL_Q4KM.is_file():
+            pytest.skip(f"{REAL_Q4KM} is absent (../shared/models/smollm2-q4km)")
+        path = str(REAL_Q4KM)
+    else:
+        path = request.getfixturevalue("smollm_gguf")
+    ours, ref = gguf_codec.GGUFFile(path), GGUFReader(path)
+    ref_fields = {k: f for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.fields) == list(ref_fields)
+    for key, f in ref_fields.items():
+        assert ours.fields[key].types == f.types, key
+        assert ours.fields[key].contents() == f.contents(), key
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert (a.tensor_type, a.n_elements, a.n_bytes, a.data_offset) == (b.tensor_type, b.n_elements, b.n_bytes,
+                                                                             b.data_offset), a.name
+        assert np.array_equal(a.shape, b.shape) and a.data.shape == b.data.shape and a.data.dtype == b.data.dtype
+        assert np.array_equal(a.data, b.data), a.name
