@@ -204,29 +204,6 @@ struct Input {
 inline bool same_input(const Input& in, const Linear& L) { return in.K == L.K && in.bits == L.bits && in.G == L.G; }
 
 #ifdef QALORA_AVX2
-// What the lane rows share: the block's group bookkeeping and scales, and the row's bias term.
-struct Blocks {
-  int64_t nsc, per_group, step, pf_groups;
-  __m256i vidx;  // B a multiple of G: lane d is in the block's group d*P/G
-  Blocks(int P, int64_t G) {
-    const int64_t B = 8 * P;
-    const bool one_group = G % B == 0;
-    nsc = one_group ? 1 : B / G;  // the scales one block reads: 1, 2, 4 or 8
-    alignas(32) int32_t idx[8];
-    for (int d = 0; d < 8; d++) idx[d] = one_group ? 0 : d * P / G;
-    vidx = _mm256_load_si256((const __m256i*)idx);
-    // the block's first group g advances without a division: by B/G a block, or by 1 every G/B blocks
-    per_group = one_group ? G / B : 1, step = one_group ? 1 : B / G, pf_groups = PF_COLS / G;
-  }
-  // the block's scales, spread over the lanes they cover; each load reads exactly nsc floats
-  __m256 scales(const float* s) const {
-    return nsc == 1 ? _mm256_broadcast_ss(s)
-         : nsc == 2 ? _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double*)s)), vidx)
-         : nsc == 4 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s)), vidx)
-                    : _mm256_loadu_ps(s);
-  }
-};
-
 // tot's lanes plus the bias term sum_g biases[g] * xsum[g]
 inline float row_total(__m256 tot, const float* bo, const float* xsum, int64_t ng) {
   __m256 bt = _mm256_setzero_ps();
@@ -237,13 +214,25 @@ inline float row_total(__m256 tot, const float* bo, const float* xsum, int64_t n
   return rest + hsum(_mm256_add_ps(tot, bt));
 }
 
+// The block's NSC = B/G scales (NSC > 1: G divides B) spread over its 8 lanes: lane d covers group d*NSC/8.
+template <int NSC>
+inline __m256 block_scales(const float* s) {
+  static_assert(NSC == 2 || NSC == 4 || NSC == 8, "NSC is 2, 4 or 8");
+  if constexpr (NSC == 8) return _mm256_loadu_ps(s);
+  const __m256i lane_group = NSC == 2 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1) : _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  const __m256 v = NSC == 2 ? _mm256_castpd_ps(_mm256_broadcast_sd((const double*)s))
+                            : _mm256_castps128_ps256(_mm_loadu_ps(s));  // reads exactly NSC floats
+  return _mm256_permutevar8x32_ps(v, lane_group);
+}
+
 // Rows [o0, o1) of y for M rows of x from row m0 of `in`: FIXED = in.fixed (x as 16-bit fixed point), else
-// float32 x in lane order. The two differ only in how a block's sum of x * q is formed.
+// float32 x in lane order. The two differ only in how a block's sum of x * q is formed. The scale layout is a
+// compile-time case, so the block loop has no branches but the prefetch's: one broadcast scale per group when
+// a group spans whole blocks (NSC = 1: the loop runs group by group), else B/G scales per block.
 template <int BITS, int M, bool FIXED>
 void rows_lanes(const Input& in, int64_t m0, const Linear& L, int64_t o0, int64_t o1, float* y) {
   constexpr int P = 32 / BITS, B = 8 * P, H = P / 2;  // H codes per 16-bit lane
-  const Blocks bk(P, L.G);
-  const int64_t K = L.K, ng = L.ng, nb = K / B;
+  const int64_t K = L.K, ng = L.ng, nb = K / B, G = L.G, pf_groups = PF_COLS / G;
   const float* xl = FIXED ? nullptr : in.xl.data() + m0 * K;
   const int16_t* xn = FIXED ? in.xn.data() + m0 * K : nullptr;
   const float* xf = FIXED ? in.xf.data() + m0 * nb : nullptr;
@@ -251,46 +240,68 @@ void rows_lanes(const Input& in, int64_t m0, const Linear& L, int64_t o0, int64_
   for (int t = 0; t < P; t++)
     mask[t] = FIXED ? _mm256_set1_epi16(int16_t(((1u << BITS) - 1) << (BITS * (t % H))))
                     : _mm256_set1_epi32(int32_t(((1u << BITS) - 1) << (BITS * t)));
-  for (int64_t o = o0; o < o1; o++) {
-    const uint8_t* qo = L.q + o * L.row_bytes;
-    const float *so = L.s + o * ng, *bo = L.b + o * ng;
-    __m256 tot[M];
-    for (int m = 0; m < M; m++) tot[m] = _mm256_setzero_ps();
-    for (int64_t j = 0, g = 0, k = 0, blk = 0; j < K; j += B, blk++) {
-      if ((j & 255) == 0) prefetch_ahead(qo, j, BITS, so + g, bo + g, bk.pf_groups);
-      const __m256i raw = _mm256_loadu_si256((const __m256i*)(qo + j / 8 * BITS));
-      __m256 sum[M];  // the block's x * q, in lanes
-      if constexpr (FIXED) {
-        __m256i acc[M];
+  // tot[m] += sv * (the block at column j's x * q, in lanes)
+  const auto block = [&](const uint8_t* qo, int64_t j, __m256 sv, __m256* tot) __attribute__((always_inline)) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i*)(qo + j / 8 * BITS));
+    if constexpr (FIXED) {
+      __m256i acc[M];
 #pragma GCC unroll 16
-        for (int t = 0; t < H; t++) {  // code t of each 16-bit lane, times 2^(bits*t)
-          const __m256i ct = t < H - 1 ? _mm256_and_si256(raw, mask[t]) : _mm256_srli_epi16(raw, BITS * t);
-          for (int m = 0; m < M; m++) {
-            __m256i p = _mm256_madd_epi16(ct, _mm256_loadu_si256((const __m256i*)(xn + m * K + j + 16 * t)));
-            if (t > 0 && t < H - 1) p = _mm256_srai_epi32(p, BITS * t);
-            acc[m] = t == 0 ? p : _mm256_add_epi32(acc[m], p);
-          }
+      for (int t = 0; t < H; t++) {  // code t of each 16-bit lane, times 2^(bits*t)
+        const __m256i ct = t < H - 1 ? _mm256_and_si256(raw, mask[t]) : _mm256_srli_epi16(raw, BITS * t);
+        for (int m = 0; m < M; m++) {
+          __m256i p = _mm256_madd_epi16(ct, _mm256_loadu_si256((const __m256i*)(xn + m * K + j + 16 * t)));
+          if (t > 0 && t < H - 1) p = _mm256_srai_epi32(p, BITS * t);
+          acc[m] = t == 0 ? p : _mm256_add_epi32(acc[m], p);
         }
-        for (int m = 0; m < M; m++) sum[m] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_broadcast_ss(xf + m * nb + blk));
-      } else {
-        constexpr int A = M == 1 ? 2 : 1;  // FMA chains per row of x (more rows are more chains)
-        __m256 acc[M][A];
-#pragma GCC unroll 16
-        for (int t = 0; t < P; t++) {  // code t of each 32-bit lane, times 2^(bits*t)
-          const __m256i ct = t < P - 1 ? _mm256_and_si256(raw, mask[t]) : _mm256_srli_epi32(raw, BITS * t);
-          const __m256 c = _mm256_cvtepi32_ps(ct);
-          for (int m = 0; m < M; m++) {
-            const __m256 xv = _mm256_loadu_ps(xl + m * K + j + 8 * t);
-            acc[m][t % A] = t < A ? _mm256_mul_ps(c, xv) : _mm256_fmadd_ps(c, xv, acc[m][t % A]);
-          }
-        }
-        for (int m = 0; m < M; m++) sum[m] = A == 1 ? acc[m][0] : _mm256_add_ps(acc[m][0], acc[m][A - 1]);
       }
-      const __m256 sv = bk.scales(so + g);
-      for (int m = 0; m < M; m++) tot[m] = _mm256_fmadd_ps(sv, sum[m], tot[m]);
-      if (++k == bk.per_group) k = 0, g += bk.step;
+      for (int m = 0; m < M; m++)
+        tot[m] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_broadcast_ss(xf + m * nb + j / B)),
+                                 _mm256_cvtepi32_ps(acc[m]), tot[m]);
+    } else {
+      constexpr int A = M == 1 ? 2 : 1;  // FMA chains per row of x (more rows are more chains)
+      __m256 acc[M][A];
+#pragma GCC unroll 16
+      for (int t = 0; t < P; t++) {  // code t of each 32-bit lane, times 2^(bits*t)
+        const __m256i ct = t < P - 1 ? _mm256_and_si256(raw, mask[t]) : _mm256_srli_epi32(raw, BITS * t);
+        const __m256 c = _mm256_cvtepi32_ps(ct);
+        for (int m = 0; m < M; m++) {
+          const __m256 xv = _mm256_loadu_ps(xl + m * K + j + 8 * t);
+          acc[m][t % A] = t < A ? _mm256_mul_ps(c, xv) : _mm256_fmadd_ps(c, xv, acc[m][t % A]);
+        }
+      }
+      for (int m = 0; m < M; m++)
+        tot[m] = _mm256_fmadd_ps(sv, A == 1 ? acc[m][0] : _mm256_add_ps(acc[m][0], acc[m][A - 1]), tot[m]);
     }
-    for (int m = 0; m < M; m++) y[m * L.N + o] = row_total(tot[m], bo, in.xsum.data() + (m0 + m) * ng, ng);
+  };
+  const auto rows = [&](auto nsc) {
+    constexpr int NSC = decltype(nsc)::value;
+    for (int64_t o = o0; o < o1; o++) {
+      const uint8_t* qo = L.q + o * L.row_bytes;
+      const float *so = L.s + o * ng, *bo = L.b + o * ng;
+      __m256 tot[M];
+      for (int m = 0; m < M; m++) tot[m] = _mm256_setzero_ps();
+      if constexpr (NSC == 1) {
+        for (int64_t g = 0, j = 0; g < ng; g++) {
+          const __m256 sv = _mm256_broadcast_ss(so + g);
+          for (const int64_t end = std::min(j + G, K); j < end; j += B) {
+            if ((j & 255) == 0) prefetch_ahead(qo, j, BITS, so + g, bo + g, pf_groups);
+            block(qo, j, sv, tot);
+          }
+        }
+      } else {
+        for (int64_t j = 0, g = 0; j < K; j += B, g += NSC) {
+          if ((j & 255) == 0) prefetch_ahead(qo, j, BITS, so + g, bo + g, pf_groups);
+          block(qo, j, block_scales<NSC>(so + g), tot);
+        }
+      }
+      for (int m = 0; m < M; m++) y[m * L.N + o] = row_total(tot[m], bo, in.xsum.data() + (m0 + m) * ng, ng);
+    }
+  };
+  switch (G % B == 0 ? 1 : B / G) {
+    case 1: rows(std::integral_constant<int, 1>()); break;
+    case 2: rows(std::integral_constant<int, 2>()); break;
+    case 4: rows(std::integral_constant<int, 4>()); break;
+    default: rows(std::integral_constant<int, 8>()); break;
   }
 }
 #endif

@@ -128,7 +128,8 @@ needs_gemv = pytest.mark.skipif(not kernels.gemv_available(), reason="the C++ ge
 @needs_gemv
 @pytest.mark.parametrize("bits", (1, 2, 3, 4, 5, 6, 7, 8))
 @pytest.mark.parametrize("shape", SHAPES + [(20, 4096, 32), (8, 37, 10), (8, 40, 16), (16, 192, 64), (8, 320, 96),
-                                   (40, 256, 16)])  # (the lane row's blocks of 2, 4 and 8 groups)
+                                   (40, 256, 16), (16, 256, 8), (8, 320, 128)])
+# (the lane rows' blocks of 2, 4 and 8 groups, and groups of whole blocks with a short last group)
 def test_gemv_equals_reference(bits, shape):
     out_f, in_f, gs = shape
     q = torch.randint(0, 2 ** bits, (out_f, in_f), dtype=torch.uint8)
@@ -159,7 +160,8 @@ def test_gemv_takes_bf16_inputs_and_refuses_many_rows():
 
 @needs_gemv
 @pytest.mark.parametrize("bits", (2, 4, 8))
-@pytest.mark.parametrize("shape", [(40, 256, 32), (16, 512, 128), (24, 576, 64), (8, 256, 16)])
+@pytest.mark.parametrize("shape", [(40, 256, 32), (16, 512, 128), (24, 576, 64), (8, 256, 16), (8, 256, 8),
+                                   (8, 640, 256)])
 def test_gemv_bf16_fixed_point_rows(bits, shape):
     """bf16 inputs of 2/4/8-bit layers go through the 16-bit fixed-point rows: every bf16 value within 2^-7 of its
     block's largest is exact, smaller ones are rounded to 2^-15 of the largest. Checked against float64 on x as
