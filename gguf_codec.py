@@ -390,12 +390,13 @@ class _Cursor:
         self.at += struct.calcsize(f"<{n}{fmt}")
         return v
 
-    def string(self):
-        n = self.take("Q")
-        s = self.buf[self.at:self.at + n]
-        if len(s) != n:
+    def string(self):  # called once per vocabulary entry: no struct, one bounds check
+        at, buf = self.at, self.buf
+        n = int.from_bytes(buf[at:at + 8], "little")
+        s = buf[at + 8:at + 8 + n]
+        if at + 8 + n > len(buf):
             raise ValueError(f"string of {n} bytes runs past the end of the file")
-        self.at += n
+        self.at = at + 8 + n
         return str(s, "utf-8")
 
     def value(self, vtype):
@@ -413,17 +414,8 @@ class _Cursor:
             arr = np.frombuffer(self.buf, dtype, n, self.at)
             self.at += n * dtype.itemsize
             return [vtype, etype], arr.tolist()
-        if etype == VT.STRING:  # vocabularies: one tight loop
-            out, buf, at = [], self.buf, self.at
-            for _ in range(n):
-                k = int.from_bytes(buf[at:at + 8], "little")
-                s = buf[at + 8:at + 8 + k]
-                if len(s) != k:
-                    raise ValueError(f"string of {k} bytes runs past the end of the file")
-                out.append(str(s, "utf-8"))
-                at += 8 + k
-            self.at = at
-            return [vtype, etype], out
+        if etype == VT.STRING:  # vocabularies
+            return [vtype, etype], [self.string() for _ in range(n)]
         items = [self.value(etype) for _ in range(n)]
         return [vtype] + (items[0][0] if items else [etype]), [v for _, v in items]
 
